@@ -1,0 +1,24 @@
+"""upcycle: turn dense language models into Mixture-of-Experts models, and train them.
+
+`import upcycle` registers the native checkpoint format with transformers' Auto classes (at once
+if transformers is loaded, else as soon as it is imported; see `upcycle/_hf_hook.py`).
+"""
+
+__version__ = "0.1.0"
+
+from upcycle import _hf_hook
+from upcycle.checkpoint import load_config, load_model, save_native
+from upcycle.errors import UpcycleError
+from upcycle.model import ModelConfig, Transformer
+
+_hf_hook.install()
+
+__all__ = [
+    "ModelConfig",
+    "Transformer",
+    "UpcycleError",
+    "__version__",
+    "load_config",
+    "load_model",
+    "save_native",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from upcycle.cli import main
+
+sys.exit(main())

@@ -1,0 +1,312 @@
+"""Safetensors read and written by us: validated headers, one tensor at a time.
+
+Reading parses and checks the header before any tensor is touched (header size, offsets inside
+the file and not overlapping, byte sizes that agree with dtype × shape), so a truncated or hostile
+file is refused with a clear sentence instead of a crash or a huge allocation. Tensors are read
+lazily, one `read` per tensor.
+
+Writing is planned: the caller gives every (name, dtype, shape) first, the writer assigns them to
+shards and writes each shard's header up front, then streams each tensor's bytes as it arrives.
+Memory therefore stays at one tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from upcycle.errors import UpcycleError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate one safetensors file's header; returns its entries and metadata."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise UpcycleError(f"{path} is truncated (shorter than a safetensors header); re-download it")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise UpcycleError(
+                    f"{path} declares a {header_len}-byte header, over the 100 MB limit; "
+                    "the file is corrupt or hostile, re-create it"
+                )
+            if 8 + header_len > size:
+                raise UpcycleError(
+                    f"{path} is truncated: its header needs {8 + header_len} bytes but the file has {size}; "
+                    "re-download or re-create it"
+                )
+            raw = handle.read(header_len)
+    except OSError as error:
+        raise UpcycleError(f"cannot read {path}: {error.strerror}; check the path and permissions") from error
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UpcycleError(
+            f"{path} has an unreadable safetensors header; the file is corrupt, re-create it"
+        ) from error
+    if not isinstance(header, dict):
+        raise UpcycleError(f"{path} has a malformed safetensors header; the file is corrupt, re-create it")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_len = size - data_start
+    entries = {name: _check_entry(path, name, info, data_start, data_len) for name, info in header.items()}
+    _check_no_overlap(path, entries.values())
+    return entries, metadata
+
+
+def _check_entry(path: Path, name: str, info: object, data_start: int, data_len: int) -> TensorEntry:
+    def bad(reason: str) -> UpcycleError:
+        return UpcycleError(f"{path}: tensor {name!r} {reason}; the file is corrupt, re-create it")
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise bad("has a malformed header entry")
+    dtype = DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise bad(f"has unsupported dtype {info['dtype']!r}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise bad("has an invalid shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise bad("has invalid data offsets")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise bad("has invalid data offsets")
+    if end > data_len:
+        raise UpcycleError(
+            f"{path} is truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data section; "
+            "re-download or re-create it"
+        )
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise bad(f"holds {end - begin} bytes but dtype {info['dtype']} × shape {shape} needs {expected}")
+    return TensorEntry(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def _check_no_overlap(path: Path, entries: Iterable[TensorEntry]) -> None:
+    previous_end, previous_name = -1, ""
+    for entry in sorted(entries, key=lambda e: (e.begin, e.nbytes)):
+        if entry.nbytes and entry.begin < previous_end:
+            raise UpcycleError(
+                f"{path}: tensors {previous_name!r} and {entry.name!r} overlap; the file is corrupt, re-create it"
+            )
+        if entry.nbytes:
+            previous_end, previous_name = entry.begin + entry.nbytes, entry.name
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor's bytes from disk into a fresh CPU tensor."""
+    buffer = bytearray(entry.nbytes)
+    with open(entry.file, "rb") as handle:
+        handle.seek(entry.begin)
+        if handle.readinto(buffer) != entry.nbytes:
+            raise UpcycleError(
+                f"{entry.file} is truncated at tensor {entry.name!r}; re-download or re-create it"
+            )
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    return flat.view(entry.dtype).reshape(entry.shape)
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of a checkpoint folder (single file or sharded with an index)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.entries: dict[str, TensorEntry] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self._files():
+            entries, metadata = read_header(file)
+            self.entries.update(entries)
+            self.metadata.update(metadata)
+
+    def _files(self) -> list[Path]:
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise UpcycleError(f"{index} is not a valid safetensors index; re-create it") from error
+            files = sorted(set(weight_map.values()))
+            missing = [name for name in files if not (self.folder / name).is_file()]
+            if missing:
+                raise UpcycleError(
+                    f"{self.folder} is missing shard {missing[0]} named in its index; copy the whole checkpoint"
+                )
+            return [self.folder / name for name in files]
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise UpcycleError(f"{self.folder} holds no .safetensors file; point to a checkpoint folder")
+        return files
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        return read_tensor(self.entries[name])
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, entry in self.entries.items():
+            yield name, read_tensor(entry)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split the planned tensors, in order, into shards of at most `max_shard_bytes` (one tensor
+    larger than that gets a shard of its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in plan:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+class StreamingWriter:
+    """Writes planned tensors into safetensors shards as they arrive, in plan order.
+
+    Use as a context manager inside an atomic output folder; `write(name, tensor)` must follow
+    the plan's order exactly (so each shard's header, written first, is right).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        plan: list[PlannedTensor],
+        max_shard_bytes: int = 2**31,
+        metadata: dict | None = None,
+    ) -> None:
+        self.folder = folder
+        self.shards = plan_shards(plan, max_shard_bytes)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        count = len(self.shards)
+        self.file_names = (
+            [SINGLE_NAME]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._order = [(shard_index, t) for shard_index, shard in enumerate(self.shards) for t in shard]
+        self._position = 0
+        self._handle = None
+        self._open_shard = -1
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._close_handle()
+        if exc_type is None:
+            if self._position != len(self._order):
+                raise RuntimeError(
+                    f"StreamingWriter closed after {self._position} of {len(self._order)} tensors"
+                )
+            self._write_index()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard_index, planned = self._order[self._position]
+        if name != planned.name:
+            raise RuntimeError(f"tensor {name!r} written out of plan order (expected {planned.name!r})")
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise RuntimeError(
+                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {planned.dtype} {planned.shape}"
+            )
+        if shard_index != self._open_shard:
+            self._start_shard(shard_index)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        self._position += 1
+
+    def _start_shard(self, shard_index: int) -> None:
+        self._close_handle()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for planned in self.shards[shard_index]:
+            header[planned.name] = {
+                "dtype": DTYPE_NAMES[planned.dtype],
+                "shape": list(planned.shape),
+                "data_offsets": [offset, offset + planned.nbytes],
+            }
+            offset += planned.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned, as the reference writer does
+        self._handle = open(self.folder / self.file_names[shard_index], "wb")  # noqa: SIM115
+        self._handle.write(struct.pack("<Q", len(raw)) + raw)
+        self._open_shard = shard_index
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def _write_index(self) -> None:
+        if len(self.shards) == 1:
+            return
+        weight_map = {t.name: self.file_names[i] for i, shard in enumerate(self.shards) for t in shard}
+        total = sum(t.nbytes for shard in self.shards for t in shard)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = 2**31) -> None:
+    """Write an in-memory state dict with the streaming writer (same format, same sharding)."""
+    plan = [PlannedTensor(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    with StreamingWriter(folder, plan, max_shard_bytes) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
