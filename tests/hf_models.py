@@ -43,7 +43,10 @@ FAMILIES = {
     "llama-linear-rope-bias": (
         transformers.LlamaConfig,
         transformers.LlamaForCausalLM,
-        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, "attention_bias": True},
+        {
+            "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+            "attention_bias": True,
+        },
     ),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 5}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),

@@ -59,7 +59,7 @@ def test_sharded_native_and_hf_checkpoints_load(tmp_path):
     reloaded = upcycle.load_model(native)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
-    ids, mask = padded_batch(model.config.vocab_size)
+    ids, _ = padded_batch(model.config.vocab_size)
     with torch.no_grad():
         expected = hf_model(input_ids=ids).logits
         assert (reloaded(ids).logits - expected).abs().max() <= 1e-5
