@@ -325,6 +325,20 @@ class ModelConfig(StrictModel):
         width = self.moe.shared_intermediate_size or self.moe_intermediate_size
         return self.moe.num_shared_experts * int(width or 0)
 
+    def moe_layer_routing(self, layer_index: int) -> str:
+        """This MoE layer's routing: sample_top1 routes the first MoE layer softly (§1.1)."""
+        assert self.moe is not None
+        first_moe_layer = min(self.moe.layer_indices(self.num_hidden_layers))
+        soft_first = self.moe.routing == "sample_top1" and self.moe.sample_top1_soft_first_layer
+        return "soft" if soft_first and layer_index == first_moe_layer else self.moe.routing
+
+    def moe_experts_per_token(self, layer_index: int) -> int:
+        """K of this MoE layer (all experts where it routes softly)."""
+        assert self.moe is not None
+        if self.moe_layer_routing(layer_index) == "soft":
+            return self.moe.num_experts
+        return self.moe.experts_per_token
+
     def is_moe_layer(self, layer_index: int) -> bool:
         return self.moe is not None and layer_index in self.moe.layer_indices(self.num_hidden_layers)
 

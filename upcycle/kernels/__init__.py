@@ -1,0 +1,9 @@
+"""Fast paths, each tested against the eager reference in `upcycle.model` (design.md, "Speed").
+
+- `grouped_moe`: routed experts as two grouped GEMMs over expert-sorted tokens
+  (`torch._grouped_mm` where it runs natively), without host synchronisation.
+- `wide_attention`: BAM's attention experts as one attention with E·H query heads.
+
+Kernels take plain tensors and callables, never model modules or configs, so that `model/` can
+import them and not the other way round. This package imports nothing eagerly.
+"""

@@ -1,0 +1,130 @@
+"""Wide attention: E attention experts computed as one attention with E·H query heads.
+
+The fast path of `upcycle.model.moa.MixtureOfAttention` (methods.md §4.2, "Efficient
+implementation"). Soft routing only gates each *query* token's contribution, and softmax
+attention is computed per head, so a mixture of E attentions is one attention whose heads are all
+the experts' heads:
+
+    A_t = Σ_j g_j(u_t) · W_o^j · concat_h head_{j,h}(t)  =  [W_o^1 … W_o^E] · concat_{j,h} g_j(u_t) · head_{j,h}(t)
+
+This file holds what differs from a dense attention: the head layout and the two wide GEMMs.
+
+1. `project_qkv`: one GEMM with the concatenated weights of every expert's Q, K and V.
+2. (the caller normalises, rotates and calls SDPA once with E·H query heads)
+3. `gate_and_project_out`: multiply the heads of expert j at position t by g_j(u_t), then one
+   GEMM with the concatenated output projections [W_o^1 … W_o^E].
+
+Head order. SDPA's grouped-query convention (`enable_gqa`, and the kernels behind it) is that
+query head i reads KV head i // (Hq / Hkv): consecutive query heads share a KV head.
+- Expert-KV: queries expert-major (wide head e·H + h) and keys/values expert-major (e·Hk + k).
+  Then (e·H + h) // (H/Hk) = e·Hk + h // (H/Hk): every query head meets its own expert's KV head,
+  and nothing needs reordering.
+- Shared-KV: Hk KV heads serve E·H query heads, so one group has E·H/Hk consecutive query heads.
+  Expert e's head h must read KV head h // r (r = H/Hk), hence the order is KV-group major:
+  [Hk, E, r], wide head (h // r)·E·r + e·r + h % r. The weight rows of W_q and the columns of
+  W_o are permuted into this order when they are concatenated, so the activations never are.
+
+The concatenations copy the weights once per call (E·(H + 2·Hk)·Dh·D elements): small next to
+the GEMMs for any realistic token count, and it keeps the parameters in their natural per-expert
+layout for checkpoints and recipes.
+
+Shape letters: B batch, S sequence, D model width, E experts, H query heads per expert, Hk KV
+heads per expert (or shared), Dh head width, X wide query heads (E·H), Y wide KV heads (E·Hk for
+expert-KV, Hk for shared-KV), N a flattened projection width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class WideLayout:
+    """How E experts' heads are laid side by side in one wide attention."""
+
+    num_experts: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    share_kv: bool
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head inside one expert (r = H / Hk)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def wide_heads(self) -> int:
+        return self.num_experts * self.num_heads
+
+    @property
+    def wide_kv_heads(self) -> int:
+        return self.num_kv_heads if self.share_kv else self.num_experts * self.num_kv_heads
+
+    def to_wide_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """[..., E, H, ...] (E at `dim` ≥ 0, H next) → [..., E·H, ...] in wide query-head order."""
+        if not self.share_kv:
+            return t.flatten(dim, dim + 1)
+        t_EHkr = t.unflatten(dim + 1, (self.num_kv_heads, self.group_size))  # [..., E, Hk, r, ...]
+        return t_EHkr.movedim(dim + 1, dim).flatten(dim, dim + 2)  # [..., Hk·E·r, ...]
+
+    def to_wide_kv_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Per-expert KV tensor [..., E, Hk, ...] → [..., E·Hk, ...]; shared tensors pass through."""
+        return t if self.share_kv else t.flatten(dim, dim + 1)
+
+
+def project_qkv(
+    u_BSD: torch.Tensor,
+    q_proj_END: torch.Tensor,
+    k_proj: torch.Tensor,
+    v_proj: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    v_bias: torch.Tensor | None,
+    layout: WideLayout,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All experts' queries, keys and values from one GEMM: [B, S, X, Dh], [B, S, Y, Dh] twice.
+
+    `q_proj_END` is [E, H·Dh, D]; `k_proj`/`v_proj` are [E, Hk·Dh, D] (expert-KV) or
+    [Hk·Dh, D] (shared-KV); biases have the same shapes without the trailing D.
+    """
+    E, H, Dh = layout.num_experts, layout.num_heads, layout.head_dim
+    D = u_BSD.shape[-1]
+    w_q_XDhD = layout.to_wide_heads(q_proj_END.view(E, H, Dh, D), 0)
+    w_qkv_ND = torch.cat([w_q_XDhD.reshape(-1, D), k_proj.reshape(-1, D), v_proj.reshape(-1, D)])
+    b_qkv_N = None
+    if q_bias is not None:
+        assert k_bias is not None and v_bias is not None
+        b_q_XDh = layout.to_wide_heads(q_bias.view(E, H, Dh), 0)
+        b_qkv_N = torch.cat([b_q_XDh.reshape(-1), k_bias.reshape(-1), v_bias.reshape(-1)])
+    qkv_BSN = F.linear(u_BSD, w_qkv_ND, b_qkv_N)
+    X, Y = layout.wide_heads, layout.wide_kv_heads
+    q_BSN, k_BSN, v_BSN = qkv_BSN.split([X * Dh, Y * Dh, Y * Dh], dim=-1)
+    return q_BSN.unflatten(-1, (X, Dh)), k_BSN.unflatten(-1, (Y, Dh)), v_BSN.unflatten(-1, (Y, Dh))
+
+
+def gate_and_project_out(
+    heads_BXSDh: torch.Tensor,
+    gate_BSE: torch.Tensor,
+    o_proj_EDN: torch.Tensor,
+    o_bias_ED: torch.Tensor | None,
+    layout: WideLayout,
+) -> torch.Tensor:
+    """Σ_j g_j · (W_o^j · heads_j + b_o^j) as one GEMM over the gated wide heads: [B, S, D].
+
+    `heads_BXSDh` is SDPA's output in wide head order; `o_proj_EDN` is [E, D, H·Dh].
+    """
+    B, X, S, Dh = heads_BXSDh.shape
+    E, H = layout.num_experts, layout.num_heads
+    D = o_proj_EDN.shape[1]
+    gate_BSX = layout.to_wide_heads(gate_BSE[..., None].expand(B, S, E, H), 2)
+    gated_BSXDh = heads_BXSDh.transpose(1, 2) * gate_BSX[..., None]
+    w_o_EHDhD = o_proj_EDN.view(E, D, H, Dh).permute(0, 2, 3, 1)
+    w_o_ND = layout.to_wide_heads(w_o_EHDhD, 0).reshape(X * Dh, D)
+    out_BSD = F.linear(gated_BSXDh.reshape(B, S, X * Dh), w_o_ND.T)
+    if o_bias_ED is not None:
+        out_BSD = out_BSD + gate_BSE @ o_bias_ED
+    return out_BSD
