@@ -21,7 +21,7 @@ def hf_folder(tmp_path_factory):
 
 
 def test_version():
-    result = run_cli("--version")
+    result = run_cli("--version", subprocess=True)
     assert result.returncode == 0 and result.stdout.strip() == f"upcycle {upcycle.__version__}"
 
 
@@ -46,7 +46,7 @@ def test_truncated_safetensors_is_refused(hf_folder, tmp_path):
     broken = shutil.copytree(hf_folder, tmp_path / "broken")
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    assert_refused(run_cli("inspect", broken), "truncated", "model.safetensors")
+    assert_refused(run_cli("inspect", broken, subprocess=True), "truncated", "model.safetensors")
 
 
 def test_header_beyond_file_is_refused(hf_folder, tmp_path):
@@ -61,7 +61,11 @@ def test_unknown_architecture_lists_supported(hf_folder, tmp_path):
     config = json.loads((other / "config.json").read_text())
     config["model_type"] = "gpt_neox"
     (other / "config.json").write_text(json.dumps(config))
-    assert_refused(run_cli("inspect", other), "'gpt_neox' is not supported", "llama, mistral, qwen2, qwen3")
+    assert_refused(
+        run_cli("inspect", other),
+        "'gpt_neox' is not supported",
+        "llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe",
+    )
 
 
 def test_missing_folder_and_config(tmp_path):
@@ -86,7 +90,7 @@ def test_pickle_with_forbidden_global_is_refused(hf_folder, tmp_path):
     buffer = io.BytesIO()
     torch.save({"model.embed_tokens.weight": torch.zeros(2), "evil": _RunsCode()}, buffer)
     folder = _bin_folder(hf_folder, tmp_path, buffer.getvalue())
-    result = run_cli("inspect", folder)
+    result = run_cli("inspect", folder, subprocess=True)
     assert_refused(result, "refused", "safetensors")
     assert "this pickle runs code" not in result.stdout
 

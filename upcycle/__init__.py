@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from upcycle import _hf_hook
 from upcycle.checkpoint import load_config, load_model, save_native
+from upcycle.conversion import convert
 from upcycle.errors import UpcycleError
 from upcycle.model import ModelConfig, Transformer
 
@@ -18,6 +19,7 @@ __all__ = [
     "Transformer",
     "UpcycleError",
     "__version__",
+    "convert",
     "load_config",
     "load_model",
     "save_native",

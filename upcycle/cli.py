@@ -63,7 +63,40 @@ def _run_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_convert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a convert YAML (see README, 'Convert config')")
+    parser.add_argument("out_dir", help="the checkpoint folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from upcycle.conversion import convert
+
+    out = convert(args.config, args.out_dir, overwrite=args.overwrite, quiet=args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _configure_recipes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="show one recipe's parameters in full")
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from upcycle.recipes.describe import describe_recipes
+
+    describe_recipes(args.name)
+    return 0
+
+
 COMMANDS: list[Command] = [
+    Command(
+        "convert",
+        "turn dense checkpoints into an MoE checkpoint with a recipe",
+        _configure_convert,
+        _run_convert,
+    ),
+    Command("recipes", "list the recipes with their papers and parameters", _configure_recipes, _run_recipes),
     Command(
         "init", "create a freshly initialised model from a model config YAML", _configure_init, _run_init
     ),

@@ -1,15 +1,24 @@
 """Load any supported checkpoint folder into a `Transformer`: HF dense (Llama, Mistral, Qwen2,
-Qwen3) or native.
+Qwen3), HF MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) or native.
 
 The model is built on the meta device and the tensors are assigned as they are read, so loading
 holds one copy of the weights. Safetensors are preferred; a `.bin` checkpoint is read only with
 `torch.load(weights_only=True)`, which refuses pickled code.
+
+HF MoE checkpoints store each expert's matrices under its own keys. After the family's renames
+they read `model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight`; `match_tensors` places each
+one in the native stacked tensor (`ExpertSlice`: W_gate in rows 0..F-1 of `gate_up_proj[N]`,
+W_up in rows F..2F-1, W_down as `down_proj[N]`), and `CheckpointTensors` assembles a stacked
+tensor when it is asked for. Checkpoints that already hold the fused 3-D tensors need no
+stacking: their names are the native ones.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,32 @@ from upcycle.model.transformer import Transformer
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+
+# One expert's matrix in the classic per-expert layout (names after the family's renames).
+EXPERT_MATRIX = re.compile(
+    r"^(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<which>gate|up|down)_proj\.weight$"
+)
+
+
+def expert_matrix_name(experts_prefix: str, expert: int, which: str) -> str:
+    """`model.layers.L.mlp.experts` + expert 3 + `gate` -> `model.layers.L.mlp.experts.3.gate_proj.weight`."""
+    return f"{experts_prefix}.{expert}.{which}_proj.weight"
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """Where one expert's matrix goes: rows `row_start:row_start + rows` of `native_name[expert]`,
+    a stacked tensor of shape `stacked_shape` ([E, 2F, D] gate_up_proj or [E, D, F] down_proj)."""
+
+    native_name: str
+    expert: int
+    row_start: int
+    stacked_shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        _, rows, cols = self.stacked_shape
+        return (rows // 2 if self.native_name.endswith("gate_up_proj") else rows, cols)
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -105,30 +140,67 @@ def _source_shapes(source: dict[str, torch.Tensor] | SafetensorsReader) -> dict[
     return {name: tuple(t.shape) for name, t in source.items()}
 
 
+def _expert_slice(name: str, expected: dict[str, tuple[int, ...]]) -> ExpertSlice | None:
+    """The stacked-tensor slice a per-expert matrix fills, or None when `name` is not one."""
+    match = EXPERT_MATRIX.match(name)
+    if match is None:
+        return None
+    which = match["which"]
+    native = f"{match['experts']}.{'down_proj' if which == 'down' else 'gate_up_proj'}"
+    if native not in expected or int(match["expert"]) >= expected[native][0]:
+        return None
+    row_start = expected[native][1] // 2 if which == "up" else 0
+    return ExpertSlice(native, int(match["expert"]), row_start, expected[native])
+
+
+def _stacked_complete(native: str, shape: tuple[int, ...], slices: set[tuple[int, int]]) -> bool:
+    return len(slices) == shape[0] * (2 if native.endswith("gate_up_proj") else 1)
+
+
 def match_tensors(
     folder: Path, config: ModelConfig, renames: dict[str, str], shapes: dict[str, tuple[int, ...]]
-) -> dict[str, str]:
+) -> dict[str, str | ExpertSlice]:
     """Map the checkpoint's tensor names onto the model's, checking names and shapes only (no
-    tensor is read). Returns {checkpoint name: model name}."""
+    tensor is read). Returns {checkpoint name: model name, or the `ExpertSlice` it fills}."""
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
-    mapping: dict[str, str] = {}
+    mapping: dict[str, str | ExpertSlice] = {}
+    filled: dict[str, set[tuple[int, int]]] = {}  # stacked native name -> (expert, row_start) seen
     for name, shape in shapes.items():
         ours = _renamed(name, renames)
         if ours == "lm_head.weight" and config.tie_word_embeddings:
             continue  # some tied checkpoints store the head too; ours uses the embedding
-        if ours not in expected:
+        part = _expert_slice(ours, expected)
+        if part is None and ours not in expected:
             raise UpcycleError(
                 f"{folder} has tensor {name!r}, which a {config.architecture} model of this config "
                 "does not have; check that config.json matches the weights"
             )
-        if shape != expected[ours]:
+        wanted = expected[ours] if part is None else part.shape
+        if shape != wanted:
             raise UpcycleError(
-                f"{folder}: tensor {name!r} has shape {shape} but config.json implies {expected[ours]}; "
+                f"{folder}: tensor {name!r} has shape {shape} but config.json implies {wanted}; "
                 "check that config.json matches the weights"
             )
-        mapping[name] = ours
-    missing = sorted(set(expected) - set(mapping.values()))
+        if part is not None:
+            seen = filled.setdefault(part.native_name, set())
+            if (part.expert, part.row_start) in seen:
+                raise UpcycleError(
+                    f"{folder} holds expert {part.expert} of {part.native_name} twice (tensor {name!r}); "
+                    "keep one copy of each expert"
+                )
+            seen.add((part.expert, part.row_start))
+        mapping[name] = ours if part is None else part
+    covered = {ours for ours in mapping.values() if isinstance(ours, str)}
+    both = sorted(covered & set(filled))
+    if both:
+        raise UpcycleError(
+            f"{folder} holds {both[0]!r} both fused and as per-expert tensors; keep one of the two forms"
+        )
+    covered |= {
+        native for native, seen in filled.items() if _stacked_complete(native, expected[native], seen)
+    }
+    missing = sorted(set(expected) - covered)
     if missing:
         raise UpcycleError(
             f"{folder} lacks {len(missing)} tensor(s) the config needs, first {missing[0]!r}; "
@@ -141,24 +213,65 @@ def tensor_renames(hf: dict[str, Any]) -> dict[str, str]:
     return {} if is_native(hf) else architecture_for(hf.get("model_type")).tensor_renames
 
 
-def load_model(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> Transformer:
-    """Load an HF dense or native checkpoint folder as a `Transformer` in eval mode.
+class CheckpointTensors:
+    """A checkpoint's tensors under their native names, read one at a time on request; a stacked
+    expert tensor is assembled from the per-expert matrices that fill it."""
 
-    Names and shapes are checked against the config before any tensor is read.
-    """
+    def __init__(
+        self, source: dict[str, torch.Tensor] | SafetensorsReader, mapping: dict[str, str | ExpertSlice]
+    ) -> None:
+        self._source = source
+        self._direct: dict[str, str] = {}
+        self._parts: dict[str, list[tuple[str, ExpertSlice]]] = {}
+        for theirs, ours in mapping.items():
+            if isinstance(ours, ExpertSlice):
+                self._parts.setdefault(ours.native_name, []).append((theirs, ours))
+            else:
+                self._direct[ours] = theirs
+
+    def names(self) -> list[str]:
+        return [*self._direct, *self._parts]
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._source.get(name) if isinstance(self._source, SafetensorsReader) else self._source[name]
+
+    def get(self, native_name: str) -> torch.Tensor:
+        if native_name in self._direct:
+            return self._read(self._direct[native_name])
+        stacked = None
+        for theirs, part in self._parts[native_name]:
+            matrix = self._read(theirs)
+            if stacked is None:
+                stacked = torch.empty(part.stacked_shape, dtype=matrix.dtype)
+            stacked[part.expert, part.row_start : part.row_start + matrix.shape[0]] = matrix
+        return stacked
+
+
+def open_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointTensors]:
+    """The config of a checkpoint folder and its tensors by native name; names and shapes are
+    checked against the config before any tensor is read."""
     folder = Path(path)
     hf = read_config_json(folder)
     config = load_config(folder)
     source = read_state(folder)
     mapping = match_tensors(folder, config, tensor_renames(hf), _source_shapes(source))
+    return config, CheckpointTensors(source, mapping)
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> Transformer:
+    """Load an HF (dense or MoE) or native checkpoint folder as a `Transformer` in eval mode.
+
+    Names and shapes are checked against the config before any tensor is read.
+    """
+    config, checkpoint = open_checkpoint(path)
     tensors: dict[str, torch.Tensor] = {}
-    for name, ours in mapping.items():
-        tensor = source.get(name) if isinstance(source, SafetensorsReader) else source[name]
+    for name in checkpoint.names():
+        tensor = checkpoint.get(name)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        tensors[ours] = tensor.to(device)
+        tensors[name] = tensor.to(device)
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(tensors, strict=True, assign=True)

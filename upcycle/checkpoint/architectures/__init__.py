@@ -2,8 +2,14 @@
 
 Each file says which HF `model_type`s it covers, how the family's flags map onto `ModelConfig`
 (bias on q/k/v and o, QK-norm), when the sliding window applies, and any tensor renames from HF
-names to native names (none so far: the native names are the HF Llama names). Adding a family
-that fits the Llama layout is one new YAML file.
+names to native names (the dense families need none: the native names are the HF Llama names).
+Adding a family that fits the Llama layout is one new YAML file.
+
+MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE) add a `moe:` block (`MoEFamily`): which config keys
+hold the expert count, top-k and expert width, what the router computes, where the MoE layers
+are, whether a gated shared expert exists. Their renames bring the per-expert tensor keys to the
+classic form `model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight`, which the loader stacks
+(`upcycle.checkpoint.loading`); exports (`upcycle.checkpoint.hf_moe`) read the same files.
 
 `model_config_from_hf(dict)` reads an HF `config.json` (both the transformers 4 keys `rope_theta`
 / `rope_scaling` and the transformers 5 key `rope_parameters`); `hf_config_from_model_config`
@@ -20,7 +26,7 @@ from typing import Any
 import yaml
 
 from upcycle.errors import UpcycleError
-from upcycle.model.config import ModelConfig, RopeConfig
+from upcycle.model.config import ModelConfig, MoEConfig, RopeConfig
 
 # ModelConfig field -> HF config key, shared by every supported family.
 COMMON_FIELDS = {
@@ -56,6 +62,21 @@ SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
+class MoEFamily:
+    """The `moe:` block of an HF MoE family (field meanings in the YAML files' comments)."""
+
+    # num_experts, top_k, intermediate_size (one expert), aux_loss_coef -> HF key(s); where a
+    # field has several keys, the first present is read and exports write the first.
+    keys: dict[str, tuple[str, ...]]
+    routing: str  # what the HF router computes: topk_softmax or softmax_topk
+    renormalize_key: str | None  # HF flag that renormalises softmax_topk; None: routing is fixed
+    layers: str  # `all`, or `sparse_step` (decoder_sparse_step and mlp_only_layers)
+    shared_expert_key: str | None  # HF key of the sigmoid-gated shared expert's width; None: none
+    activations: tuple[str, ...]
+    fixed: dict[str, Any]  # config keys exports write as they are
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     model_types: tuple[str, ...]
@@ -63,6 +84,8 @@ class Architecture:
     flags: dict[str, dict[str, Any]]
     sliding_window: str
     tensor_renames: dict[str, str]
+    moe: MoEFamily | None = None
+    export_requires: tuple[str, ...] = ()
 
 
 @cache
@@ -80,10 +103,24 @@ def architectures() -> dict[str, Architecture]:
             flags=data["flags"],
             sliding_window=data["sliding_window"],
             tensor_renames=data.get("tensor_renames") or {},
+            moe=_moe_family(data["moe"]) if data.get("moe") else None,
+            export_requires=tuple(data.get("export_requires") or ()),
         )
         for model_type in arch.model_types:
             found[model_type] = arch
     return found
+
+
+def _moe_family(data: dict[str, Any]) -> MoEFamily:
+    return MoEFamily(
+        keys={field: (key,) if isinstance(key, str) else tuple(key) for field, key in data["keys"].items()},
+        routing=data["routing"],
+        renormalize_key=data.get("renormalize_key"),
+        layers=data["layers"],
+        shared_expert_key=data.get("shared_expert_key"),
+        activations=tuple(data["activations"]),
+        fixed=dict(data.get("fixed") or {}),
+    )
 
 
 def supported_model_types() -> list[str]:
@@ -125,6 +162,13 @@ def _flag(arch: Architecture, name: str, hf: dict[str, Any]) -> bool:
 def _sliding_window(arch: Architecture, hf: dict[str, Any]) -> int | None:
     if arch.sliding_window == "none":
         return None
+    if arch.sliding_window == "unsupported":
+        if hf.get("use_sliding_window"):
+            raise UpcycleError(
+                f"{arch.name} sliding windows (use_sliding_window) are not supported; "
+                "set use_sliding_window to false in config.json"
+            )
+        return None
     if arch.sliding_window == "use_sliding_window" and not hf.get("use_sliding_window", False):
         return None
     window = hf.get("sliding_window")
@@ -135,6 +179,42 @@ def _sliding_window(arch: Architecture, hf: dict[str, Any]) -> int | None:
             "set use_sliding_window to false or use a model with one window for all layers"
         )
     return window or None
+
+
+def moe_layers_from_hf(family: MoEFamily, hf: dict[str, Any]) -> list[int]:
+    """0-based indices of the MoE layers of an HF MoE config."""
+    num_layers = hf["num_hidden_layers"]
+    if family.layers == "all":
+        return list(range(num_layers))
+    step = hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or ())
+    return [i for i in range(num_layers) if (i + 1) % step == 0 and i not in dense]
+
+
+def _moe_value(family: MoEFamily, field: str, hf: dict[str, Any]) -> Any:
+    return next((hf[key] for key in family.keys[field] if hf.get(key) is not None), None)
+
+
+def _moe_from_hf(family: MoEFamily, hf: dict[str, Any]) -> MoEConfig | None:
+    num_experts = _moe_value(family, "num_experts", hf) or 0
+    layers = moe_layers_from_hf(family, hf) if num_experts > 0 else []
+    if not layers:
+        return None  # a dense model of an MoE family
+    shared_width = hf.get(family.shared_expert_key) if family.shared_expert_key else None
+    aux_loss_coef = _moe_value(family, "aux_loss_coef", hf)
+    return MoEConfig(
+        num_experts=num_experts,
+        top_k=_moe_value(family, "top_k", hf),
+        routing=family.routing,
+        renormalize=bool(hf.get(family.renormalize_key, False)) if family.renormalize_key else False,
+        intermediate_size=_moe_value(family, "intermediate_size", hf),
+        num_shared_experts=1 if shared_width else 0,
+        shared_intermediate_size=shared_width or None,
+        shared_expert_gate=bool(shared_width),
+        aux_loss="switch",  # transformers' load_balancing_loss_func is the Switch form
+        **({"aux_loss_coef": aux_loss_coef} if aux_loss_coef is not None else {}),
+        layers="all" if len(layers) == hf["num_hidden_layers"] else layers,
+    )
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -150,6 +230,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         hidden_act=HF_ACTIVATIONS[act],
         rope=_rope_from_hf(hf),
         sliding_window=_sliding_window(arch, hf),
+        moe=_moe_from_hf(arch.moe, hf) if arch.moe is not None else None,
         **{name: _flag(arch, name, hf) for name in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm")},
         **fields,
     )
