@@ -235,6 +235,21 @@ class CheckpointTensors:
     def _read(self, name: str) -> torch.Tensor:
         return self._source.get(name) if isinstance(self._source, SafetensorsReader) else self._source[name]
 
+    def shape(self, native_name: str) -> tuple[int, ...]:
+        if native_name in self._parts:
+            return self._parts[native_name][0][1].stacked_shape
+        theirs = self._direct[native_name]
+        if isinstance(self._source, SafetensorsReader):
+            return self._source.entries[theirs].shape
+        return tuple(self._source[theirs].shape)
+
+    def get_rows(self, native_name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor; reads only those bytes when the file allows it."""
+        theirs = self._direct.get(native_name)
+        if theirs is not None and isinstance(self._source, SafetensorsReader):
+            return self._source.get_rows(theirs, start, stop)
+        return self.get(native_name)[start:stop]
+
     def get(self, native_name: str) -> torch.Tensor:
         if native_name in self._direct:
             return self._read(self._direct[native_name])

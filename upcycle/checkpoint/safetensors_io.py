@@ -147,6 +147,20 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     return flat.view(entry.dtype).reshape(entry.shape)
 
 
+def read_tensor_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor (first dimension), reading only their bytes."""
+    row_bytes = math.prod(entry.shape[1:]) * entry.dtype.itemsize
+    rows = TensorEntry(
+        entry.name,
+        entry.dtype,
+        (stop - start, *entry.shape[1:]),
+        entry.file,
+        entry.begin + start * row_bytes,
+        (stop - start) * row_bytes,
+    )
+    return read_tensor(rows)
+
+
 class SafetensorsReader:
     """Lazy access to the tensors of a checkpoint folder (single file or sharded with an index)."""
 
@@ -186,6 +200,9 @@ class SafetensorsReader:
 
     def get(self, name: str) -> torch.Tensor:
         return read_tensor(self.entries[name])
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return read_tensor_rows(self.entries[name], start, stop)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, entry in self.entries.items():

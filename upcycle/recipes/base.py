@@ -26,16 +26,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from upcycle.checkpoint.loading import (
-    _source_shapes,
-    load_config,
-    match_tensors,
-    read_config_json,
-    read_state,
-    tensor_renames,
-)
+from upcycle.checkpoint.loading import CheckpointTensors, open_checkpoint
 from upcycle.checkpoint.native import TOKENIZER_FILES
-from upcycle.checkpoint.safetensors_io import SafetensorsReader
 from upcycle.errors import UpcycleError
 from upcycle.model.config import LayerSelection, ModelConfig, MoEConfig, StrictModel
 
@@ -101,12 +93,11 @@ def tokenizer_hash(folder: Path) -> str | None:
 
 @dataclass
 class SourceModel:
-    """A source checkpoint opened lazily: its config, its tensors' names/shapes, reads on demand."""
+    """A source checkpoint opened lazily: its config, its tensors by native name, read on demand."""
 
     folder: Path
     config: ModelConfig
-    _source: Any
-    _mapping: dict[str, str]  # native name -> checkpoint name
+    checkpoint: CheckpointTensors
     tokenizer_sha256: str | None = None
     _recent: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
 
@@ -115,32 +106,35 @@ class SourceModel:
     @classmethod
     def open(cls, path: str | Path) -> SourceModel:
         folder = Path(path)
-        hf = read_config_json(folder)
-        config = load_config(folder)
-        source = read_state(folder)
-        mapping = match_tensors(folder, config, tensor_renames(hf), _source_shapes(source))
-        return cls(
-            folder, config, source, {ours: theirs for theirs, ours in mapping.items()}, tokenizer_hash(folder)
-        )
+        config, checkpoint = open_checkpoint(folder)
+        return cls(folder, config, checkpoint, tokenizer_hash(folder))
+
+    def _native(self, name: str) -> str:
+        """`lm_head.weight` of a tied model is the embedding."""
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return name
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One source tensor by its native name (`lm_head.weight` of a tied model is the embedding)."""
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
+        """One source tensor by its native name (kept among the few most recent)."""
+        name = self._native(name)
         if name in self._recent:
             return self._recent[name]
-        theirs = self._mapping[name]
-        if isinstance(self._source, SafetensorsReader):
-            tensor = self._source.get(theirs)
-        else:
-            tensor = self._source[theirs]
+        tensor = self.checkpoint.get(name)
         self._recent[name] = tensor
         while len(self._recent) > self.RECENT:
             self._recent.popitem(last=False)
         return tensor
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.checkpoint.shape(self._native(name))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, read without loading the rest (not cached)."""
+        return self.checkpoint.get_rows(self._native(name), start, stop)
+
     def dtype(self) -> torch.dtype:
-        return self.tensor("model.embed_tokens.weight").dtype
+        return self.rows("model.embed_tokens.weight", 0, 1).dtype
 
 
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

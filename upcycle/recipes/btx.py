@@ -17,6 +17,7 @@ exact (§7 F6); with real branches it equals no source (N6).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
@@ -33,14 +34,26 @@ class BTXParams(MoEParams):
     split_chunks: int = Field(1, gt=0, description="chunks per source FFN for split / blend")
 
 
+MEAN_CHUNK_BYTES = 64 * 1024**2
+
+
 def mean_of_sources(sources, name: str) -> torch.Tensor:
-    """Uniform mean of one tensor over all sources, accumulated in fp32/fp64, cast back."""
-    first = sources[0].tensor(name)
-    acc_dtype = compute_dtype(first.dtype)
-    total = first.to(acc_dtype, copy=True)
-    for source in sources[1:]:
-        total += source.tensor(name).to(acc_dtype)
-    return (total / len(sources)).to(first.dtype)
+    """Uniform mean of one tensor over all sources, accumulated in fp32 (fp64 for fp64 sources)
+    and cast back. Rows are streamed in chunks of about 64 MB, so memory stays at one output
+    tensor plus one chunk per source, however many sources there are."""
+    shape = sources[0].shape(name)
+    first_rows = sources[0].rows(name, 0, 1)
+    acc_dtype = compute_dtype(first_rows.dtype)
+    out = torch.empty(shape, dtype=first_rows.dtype)
+    row_bytes = max(1, math.prod(shape[1:]) * torch.empty((), dtype=acc_dtype).element_size())
+    step = max(1, MEAN_CHUNK_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        total = sources[0].rows(name, start, stop).to(acc_dtype, copy=True)
+        for source in sources[1:]:
+            total += source.rows(name, start, stop).to(acc_dtype)
+        out[start:stop] = (total / len(sources)).to(out.dtype)
+    return out
 
 
 def chunk(matrix: torch.Tensor, which: FFN_MATRIX, index: int, chunks: int) -> torch.Tensor:
