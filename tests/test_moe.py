@@ -468,3 +468,27 @@ def test_grouped_bf16_on_gpu_matches_fp32_reference_without_host_sync() -> None:
     error = float((out.detach().float() - expected).norm() / expected.norm())
     assert error < 1e-2, error
     assert torch.isfinite(fast.experts.gate_up_proj.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_autocast_runs_the_experts_in_the_autocast_dtype():
+    """Under bf16 autocast the experts see bf16 inputs and weights (so `auto` can pick the
+    grouped kernel on a GPU), and the result matches the fp32 layer to bf16 precision."""
+    config = ModelConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        moe={"num_experts": 4, "top_k": 2},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    layer = MoE(config)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(0, 0.2)
+    x_BSD = torch.randn(2, 8, 32)
+    seen = []
+    layer.experts.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    reference, _ = layer(x_BSD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = layer(x_BSD)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert mixed.dtype == torch.bfloat16
+    relative = (mixed.float() - reference).norm() / reference.norm()
+    assert relative < 2e-2

@@ -58,6 +58,13 @@ from upcycle.model.router import Router, Routing, capacity_keep_mask, expert_cap
 AuxLosses = dict[str, torch.Tensor]
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products of `x` run in: autocast's when it is on, else `x`'s own."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def eager_experts(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -113,7 +120,10 @@ class Experts(nn.Module):
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, implementation: str
     ) -> torch.Tensor:
         run = grouped_moe if implementation == "grouped" else eager_experts
-        return run(x_TD, weights_TK, indices_TK, self.w_in_EPD, self.down_proj, self.act, self.gated)
+        # Under autocast the experts compute in the autocast dtype: _grouped_mm is not on
+        # autocast's cast lists, so the (fp32 master) weights are cast here, as F.linear would be.
+        w_in_EPD, w_down_EDF = self.w_in_EPD.to(x_TD.dtype), self.down_proj.to(x_TD.dtype)
+        return run(x_TD, weights_TK, indices_TK, w_in_EPD, w_down_EDF, self.act, self.gated)
 
 
 class PlainMLP(nn.Module):
@@ -187,8 +197,10 @@ class MoE(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, AuxLosses]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.gate(x_TD)
-        weights_TK = self.routed_weights(routing).to(x_TD.dtype)
-        out_TD = self.experts(x_TD, weights_TK, routing.indices_TK, self.resolved_implementation(x_TD))
+        expert_x_TD = x_TD.to(autocast_dtype(x_TD))
+        weights_TK = self.routed_weights(routing).to(expert_x_TD.dtype)
+        implementation = self.resolved_implementation(expert_x_TD)
+        out_TD = self.experts(expert_x_TD, weights_TK, routing.indices_TK, implementation)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:

@@ -1,0 +1,231 @@
+"""Tokens/s and MFU of one training step: a ~110M-parameter dense model and its 4-expert BTX MoE.
+
+What is timed is the trainer's own step (`upcycle.train.TrainStep`): forward under bf16
+autocast, loss = LM + aux, backward, gradient norm, clipping at 1.0, fused AdamW, one host
+synchronisation. Batches are random token ids made on the GPU beforehand, so data reading is
+not part of the figure (it is a memcpy of a few MB per step in training).
+
+Cases (perf.md conventions; FLOPs from `upcycle.model.flops.training_flops_per_token`):
+- `dense`: Llama layout, vocab 32000, D 768, 12 layers, 12 heads, F 2048, tied embeddings
+  (≈110M parameters);
+- `btx4`: the same with every FFN replaced by 4 experts of width 2048, top-2 (topk_softmax, as
+  BTX), BTX load-balancing loss 0.01: what `upcycle convert` (recipe btx) makes from 4 branches
+  of the dense model (weights are random here; speed does not depend on them, and a fresh
+  router routes near-uniformly).
+
+Protocol: warm-up steps first (the first one, which includes compilation with --compile, is
+timed and reported separately), then the median of `--steps` timed steps measured with CUDA
+events; peak memory from `torch.cuda.max_memory_allocated`. MFU against 790 TFLOP/s (measured
+bf16 matmul ceiling of an H100) and 989 (datasheet). The `moe path` column says which expert
+implementation the MoE layers resolved to for the inputs they actually received.
+
+Usage (GPU):  python bench/train_step.py [--compile] [--batch 16] [--seq-len 2048] [--steps 15]
+                                         [--json results.json]
+CPU smoke:    python bench/train_step.py --tiny     (a tiny config in fp32, seconds; figures
+              from it mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from upcycle.data import Batch
+from upcycle.model import ModelConfig, Transformer
+from upcycle.model.flops import active_parameters, total_parameters, training_flops_per_token
+from upcycle.model.init import init_weights
+from upcycle.model.moe import MoE
+from upcycle.train import TrainStep, WarmupCosine
+from upcycle.train.build import compile_blocks
+from upcycle.train.config import OptimizerConfig
+from upcycle.train.distributed import Distributed
+from upcycle.train.metrics import H100_BF16_DATASHEET_FLOPS, H100_BF16_MEASURED_FLOPS
+from upcycle.train.optim import build_optimizer
+
+DENSE_110M = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+BTX4 = dict(num_experts=4, top_k=2, routing="topk_softmax", aux_loss="btx", aux_loss_coef=0.01)
+
+
+@dataclass
+class Row:
+    case: str
+    parameters: int
+    active: int
+    tokens_per_step: int
+    first_step_s: float
+    step_ms: float
+    tokens_per_s: float
+    tflops: float
+    mfu: float | None
+    mfu_datasheet: float | None
+    peak_gb: float | None
+    moe_path: str
+    loss: float
+
+
+def case_configs(tiny: bool) -> dict[str, ModelConfig]:
+    dense = TINY if tiny else DENSE_110M
+    return {"dense": ModelConfig(**dense), "btx4": ModelConfig(**dense, moe=BTX4)}
+
+
+def moe_paths(model: Transformer) -> set[str]:
+    """Record, per MoE layer, the implementation it resolves to for the inputs it receives."""
+    seen: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, MoE):
+
+            def hook(moe, args, seen=seen):
+                seen.add(moe.resolved_implementation(args[0].reshape(-1, args[0].shape[-1])))
+
+            module.register_forward_pre_hook(hook)
+    return seen
+
+
+def random_batches(config: ModelConfig, count: int, batch: int, seq_len: int, device) -> list[Batch]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device, generator=generator)
+        batches.append(
+            Batch(tokens[:, :-1], tokens[:, 1:], torch.zeros(batch, dtype=torch.long, device=device))
+        )
+    return batches
+
+
+def timed(device: torch.device, run) -> float:
+    """Seconds one call of `run` takes (CUDA events on a GPU)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    run()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1000
+
+
+def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Row:
+    bf16 = device.type == "cuda"
+    model = init_weights(Transformer(config), seed=0).to(device).train()
+    paths = moe_paths(model)
+    if args.compile:
+        compile_blocks(model)
+    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4), device)
+    step = TrainStep(
+        model,
+        optimizer,
+        WarmupCosine(1e-4, 0, 10**9, 1.0),
+        Distributed(device=device),
+        clip_grad_norm=1.0,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+    )
+    batches = random_batches(config, args.warmup + args.steps, args.batch, args.seq_len, device)
+    if bf16:
+        torch.cuda.reset_peak_memory_stats(device)
+    results = []
+    first = timed(device, lambda: results.append(step(1, [batches[0]])))
+    for index in range(1, args.warmup):
+        results.append(step(index + 1, [batches[index]]))
+    times = []
+    for index in range(args.warmup, args.warmup + args.steps):
+        times.append(timed(device, lambda index=index: results.append(step(index + 1, [batches[index]]))))
+    assert all(torch.isfinite(torch.tensor(r.loss)) for r in results), (
+        "a non-finite loss: the figures would be wrong"
+    )
+    seconds = statistics.median(times)
+    tokens = args.batch * args.seq_len
+    flops_per_token = training_flops_per_token(config, args.seq_len)
+    tokens_per_s = tokens / seconds
+    achieved = tokens_per_s * flops_per_token
+    return Row(
+        case=name,
+        parameters=total_parameters(config),
+        active=active_parameters(config),
+        tokens_per_step=tokens,
+        first_step_s=first,
+        step_ms=seconds * 1000,
+        tokens_per_s=tokens_per_s,
+        tflops=achieved / 1e12,
+        mfu=achieved / H100_BF16_MEASURED_FLOPS if bf16 else None,
+        mfu_datasheet=achieved / H100_BF16_DATASHEET_FLOPS if bf16 else None,
+        peak_gb=torch.cuda.max_memory_allocated(device) / 2**30 if bf16 else None,
+        moe_path=",".join(sorted(paths)) or "-",
+        loss=results[-1].loss,
+    )
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def print_table(rows: list[Row], args, device: torch.device) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"# {name}, torch {torch.__version__}, commit {commit or '?'}, {time.strftime('%Y-%m-%d')}; "
+        f"batch {args.batch} × {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+        f"compile {args.compile}; median of {args.steps} steps"
+    )
+    print(
+        "| case | params | active | tokens/step | first step s | step ms | tokens/s | TFLOP/s | "
+        "MFU (790) | MFU (989) | peak GB | moe path | loss |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = "-" if r.peak_gb is None else f"{r.peak_gb:.1f}"
+        print(
+            f"| {r.case} | {r.parameters / 1e6:.1f}M | {r.active / 1e6:.1f}M | {r.tokens_per_step:,} | "
+            f"{r.first_step_s:.2f} | {r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tflops:.1f} | "
+            f"{_percent(r.mfu)} | {_percent(r.mfu_datasheet)} | {peak} | {r.moe_path} | {r.loss:.3f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tiny", "--cpu-smoke", action="store_true", help="tiny models on the CPU: a smoke test"
+    )
+    parser.add_argument("--cases", nargs="+", default=["dense", "btx4"], choices=["dense", "btx4"])
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step (one micro-batch)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (≥ 1)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch, args.seq_len, args.steps, args.warmup = 2, 32, 3, 1
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    configs = case_configs(args.tiny)
+    rows = [bench_case(name, configs[name], args, device) for name in args.cases]
+    print_table(rows, args, device)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"device": str(device), "rows": [asdict(r) for r in rows]}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

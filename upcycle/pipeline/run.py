@@ -1,0 +1,447 @@
+"""`upcycle run PIPELINE.yaml`: seed -> branches -> mixes -> finetunes -> evaluation -> report.
+
+Every stage writes into its own folder under `output/` and finishes by writing `DONE.json`
+there (atomically); a stage whose marker exists is skipped, so a killed pipeline resumes where it
+stopped. Training stages run with `resume=True`, continuing from their last checkpoint.
+
+Compute convention (`finetune.budget: compute_matched`, as BTX's Table 3 and BAM's "CM" rows):
+the seed's pre-training is shared by every model and not counted. The reference (the first
+btx/bam entry of `mixes`) spends C = (branch training FLOPs, all domains) + (its finetune FLOPs
+for `finetune.steps` steps). Every branched model (btx, bam) gets C minus the branch FLOPs for
+its finetune (so BAM, dearer per token, sees fewer tokens); every seed-started model (dense
+continued training, sparse / nvidia / drop upcycling) gets all of C as training on the mixture
+from the seed; BTM trains nothing beyond the branches. FLOPs are counted by
+`upcycle.model.flops.training_flops_per_token` (6 x active parameters + attention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from upcycle.checkpoint.atomic import atomic_write_bytes
+from upcycle.checkpoint.loading import load_config
+from upcycle.errors import UpcycleError
+from upcycle.model.flops import training_flops_per_token
+from upcycle.pipeline.config import BRANCH_STARTED, SEED_STARTED, MixSpec, PipelineConfig, TrainSettings
+
+DONE = "DONE.json"
+
+
+def log(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[upcycle run] {message}", file=sys.stderr, flush=True)
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / DONE).is_file()
+
+
+def mark_done(folder: Path, record: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / DONE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_done(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / DONE).read_text())
+
+
+@dataclass
+class Paths:
+    root: Path
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def seed(self) -> Path:
+        return self.root / "seed"
+
+    def branch(self, domain: str) -> Path:
+        return self.root / "branches" / domain
+
+    def mix(self, name: str) -> Path:
+        return self.root / "mix" / name
+
+    def finetune(self, name: str) -> Path:
+        return self.root / "finetune" / name
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def routing(self, name: str) -> Path:
+        return self.root / "routing" / name
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+def train_config(
+    settings: TrainSettings,
+    *,
+    model: dict[str, Any],
+    data: Path,
+    seq_len: int,
+    output: Path,
+    stop: dict[str, Any],
+    weights: dict[str, float] | None,
+    seed: int,
+) -> dict[str, Any]:
+    """The TrainConfig (as a dict) of one pipeline training stage."""
+    config: dict[str, Any] = {
+        "model": model,
+        "data": {"path": str(data), "seq_len": seq_len, **({"weights": weights} if weights else {})},
+        "batch": {
+            "global_batch_size": settings.global_batch_size,
+            **({"micro_batch_size": settings.micro_batch_size} if settings.micro_batch_size else {}),
+        },
+        "stop": stop,
+        "output": str(output),
+        "optimizer": {"lr": settings.lr, "weight_decay": settings.weight_decay},
+        "schedule": {"warmup_steps": settings.warmup_steps, "min_lr_ratio": settings.min_lr_ratio},
+        "clip_grad_norm": settings.clip_grad_norm,
+        "precision": settings.precision,
+        "compile": settings.compile,
+        "seed": seed,
+        "checkpoint": {"every_steps": settings.checkpoint_every_steps},
+        "log": {"progress": False},
+    }
+    for key, value in settings.extra.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def run_training(config: dict[str, Any], folder: Path, quiet: bool) -> dict[str, Any]:
+    """Train (resuming from the stage's last checkpoint) and mark the stage done."""
+    from upcycle.train import train
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / "train.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    result = train(config, resume=True, quiet=quiet)
+    record = {"steps": result.steps, "tokens": result.tokens, "flops": result.flops, "eval": result.eval}
+    mark_done(folder, record)
+    return record
+
+
+@dataclass
+class Pipeline:
+    config: PipelineConfig
+    quiet: bool = False
+    paths: Paths = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.paths = Paths(Path(self.config.output))
+
+    # -- data --------------------------------------------------------------------------------
+    def prepare(self) -> tuple[Path, Path]:
+        """Corpus (built-in) or the user's files -> tokenizer and prepared data."""
+        from upcycle.data import DataConfig, prepare_data
+
+        c, p = self.config, self.paths
+        if c.corpus is not None:
+            from upcycle.corpus import build_corpus, train_tokenizer
+
+            info = build_corpus(
+                p.corpus, c.corpus.domains, c.corpus.bytes_per_domain, c.corpus.seed,
+                quiet=self.quiet, download=c.corpus.download,
+            )  # fmt: skip
+            tokenizer = train_tokenizer(
+                info, p.corpus / "tokenizer", vocab_size=c.corpus.vocab_size, quiet=True
+            )
+            domains = {
+                d: {"paths": [str(p.corpus / f"{d}.jsonl")], "format": "jsonl"} for d in c.corpus.domains
+            }
+        else:
+            tokenizer = c.data.tokenizer
+            domains = {d: files.model_dump() for d, files in c.data.domains.items()}
+        if not is_done(p.data):
+            data_config = DataConfig.model_validate(
+                {
+                    "domains": domains,
+                    "tokenizer": str(tokenizer),
+                    "heldout": {"fraction": c.heldout_fraction},
+                    "seed": c.random_seed,
+                }
+            )
+            prepare_data(data_config, p.data, quiet=self.quiet)
+            mark_done(p.data, {"tokenizer": str(tokenizer)})
+        return Path(tokenizer), p.data
+
+    # -- seed and branches -------------------------------------------------------------------
+    def seed_model(self, tokenizer: Path, data: Path) -> Path:
+        c, p = self.config, self.paths
+        if c.seed.path is not None:
+            return Path(c.seed.path)
+        final = p.seed / "final"
+        if not is_done(p.seed):
+            log(f"training the seed for {c.seed.steps} steps", self.quiet)
+            model = {
+                "config": c.seed.config.model_dump(mode="json"),
+                "init_seed": c.random_seed,
+                "tokenizer": str(tokenizer),
+            }
+            stop = {"max_steps": c.seed.steps}
+            run_training(self._train(c.seed.train, model, p.seed, stop, None), p.seed, self.quiet)
+        return final
+
+    def _train(self, settings, model, output, stop, weights) -> dict[str, Any]:
+        c = self.config
+        return train_config(
+            settings,
+            model=model,
+            data=self.paths.data,
+            seq_len=c.seq_len,
+            output=output,
+            stop=stop,
+            weights=weights,
+            seed=c.random_seed,
+        )
+
+    def branch_configs(self, seed: Path, tokenizer: Path) -> dict[str, dict[str, Any]]:
+        c = self.config
+        model = {"path": str(seed), "tokenizer": str(tokenizer)}
+        stop = {"max_steps": c.branches.steps}
+        return {
+            d: self._train(c.branches.train, model, self.paths.branch(d), stop, {d: 1.0})
+            for d in c.branch_domains()
+        }
+
+    def train_branches(self, seed: Path, tokenizer: Path) -> dict[str, Path] | None:
+        """Train every branch; None when they were handed to a scheduler (`launch: print`)."""
+        c, p = self.config, self.paths
+        configs = {
+            d: cfg for d, cfg in self.branch_configs(seed, tokenizer).items() if not self.branch_done(d)
+        }
+        if configs and c.branches.launch == "print":
+            self._print_branch_commands(configs)
+            return None
+        if configs and c.branches.launch == "parallel":
+            self._train_branches_in_parallel(configs)
+        for domain, config in configs.items():
+            if not self.branch_done(domain):
+                log(f"training branch {domain} for {c.branches.steps} steps", self.quiet)
+                run_training(config, p.branch(domain), self.quiet)
+        return {d: p.branch(d) / "final" for d in c.branch_domains()}
+
+    def branch_done(self, domain: str) -> bool:
+        """Done here, or trained elsewhere (a scheduler ran the printed command): the trainer
+        writes `final/` only when a run completes."""
+        folder = self.paths.branch(domain)
+        return is_done(folder) or (folder / "final" / "config.json").is_file()
+
+    def _write_branch_yaml(self, domain: str, config: dict[str, Any]) -> Path:
+        folder = self.paths.branch(domain)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "train.yaml"
+        atomic_write_bytes(path, yaml.safe_dump(config, sort_keys=False).encode())
+        return path
+
+    def _print_branch_commands(self, configs: dict[str, dict[str, Any]]) -> None:
+        print("# Train each branch (any machine that sees this folder; torchrun works too):")
+        for domain, config in configs.items():
+            path = self._write_branch_yaml(domain, config)
+            print(f"upcycle train {shlex.quote(str(path))} --resume")
+        print("# then run the pipeline again: it continues from the mixes.")
+
+    def _train_branches_in_parallel(self, configs: dict[str, dict[str, Any]]) -> None:
+        """Run branches as separate processes, `max_parallel` at a time, splitting CPU threads."""
+        pending = list(configs.items())
+        slots = max(1, min(self.config.branches.max_parallel, len(pending)))
+        threads = max(1, (os.cpu_count() or 1) // slots)
+        running: list[tuple[str, subprocess.Popen]] = []
+        while pending or running:
+            while pending and len(running) < slots:
+                domain, config = pending.pop(0)
+                path = self._write_branch_yaml(domain, config)
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                command = [sys.executable, "-m", "upcycle", "train", str(path), "--resume"]
+                log(f"launching branch {domain}: {' '.join(command)}", self.quiet)
+                running.append((domain, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)))
+            time.sleep(0.2)
+            for domain, proc in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove((domain, proc))
+                if proc.returncode != 0:
+                    raise UpcycleError(
+                        f"branch {domain} failed (exit code {proc.returncode}); see "
+                        f"{self.paths.branch(domain)} and rerun the pipeline to resume"
+                    )
+
+    # -- mixes and finetunes -----------------------------------------------------------------
+    def branch_flops(self, seed: Path) -> float:
+        """FLOPs of all branch training: steps x tokens per step x FLOPs per token, per branch."""
+        c = self.config
+        per_token = training_flops_per_token(load_config(seed), c.seq_len)
+        tokens = c.branches.steps * c.branches.train.global_batch_size * c.seq_len
+        return float(per_token) * tokens * len(c.branch_domains())
+
+    def mix(self, spec: MixSpec, seed: Path, branches: dict[str, Path]) -> Path:
+        """The starting model of one comparison entry (converted, the seed, or a BTM folder)."""
+        import upcycle
+        from upcycle.eval import build_btm
+
+        folder = self.paths.mix(spec.name)
+        model = folder / "model"
+        if spec.recipe == "dense":
+            return seed
+        if is_done(folder):
+            return model
+        params = spec.parameters()
+        if spec.recipe == "btm":
+            build_btm(branches, self.paths.data, model, overwrite=True, **params)
+        else:
+            sources = [str(branches[d]) for d in self.config.branch_domains()]
+            if spec.recipe in SEED_STARTED:
+                sources = [str(seed)]
+            upcycle.convert({"recipe": spec.recipe, "sources": sources, **params}, model, overwrite=True)
+        mark_done(folder, {"recipe": spec.recipe})
+        return model
+
+    def finetune_budget(
+        self, spec: MixSpec, start: Path, total: float, branch_flops: float
+    ) -> dict[str, Any]:
+        """Steps for this model's finetune. Compute-matched budgets become the nearest whole
+        number of steps (stopping when a budget is reached would always overshoot it)."""
+        c = self.config
+        if c.finetune.budget == "steps_matched":
+            return {"max_steps": c.finetune.steps}
+        budget = total - branch_flops if spec.recipe in BRANCH_STARTED else total
+        tokens_per_step = c.finetune.train.global_batch_size * c.seq_len
+        per_step = float(training_flops_per_token(load_config(start), c.seq_len)) * tokens_per_step
+        return {"max_steps": max(1, round(budget / per_step))}
+
+    def reference_total_flops(self, branch_flops: float, starts: dict[str, Path]) -> float:
+        reference = self.config.reference_mix()
+        if reference is None:
+            return 0.0
+        per_token = training_flops_per_token(load_config(starts[reference.name]), self.config.seq_len)
+        tokens = (
+            self.config.finetune.steps * self.config.finetune.train.global_batch_size * self.config.seq_len
+        )
+        return branch_flops + float(per_token) * tokens
+
+    def finetune(self, spec: MixSpec, start: Path, tokenizer: Path, budget: dict[str, Any]) -> Path:
+        folder = self.paths.finetune(spec.name)
+        if not is_done(folder):
+            log(f"finetuning {spec.name} ({spec.recipe}) with {budget}", self.quiet)
+            model = {"path": str(start), "tokenizer": str(tokenizer)}
+            run_training(
+                self._train(self.config.finetune.train, model, folder, budget, None), folder, self.quiet
+            )
+        return folder / "final"
+
+    # -- evaluation and report ---------------------------------------------------------------
+    def evaluate(self, models: dict[str, Path]) -> Path:
+        from upcycle.eval import evaluate_perplexity, write_perplexity_report
+
+        folder = self.paths.eval
+        if not is_done(folder):
+            log(f"evaluating {len(models)} models per domain", self.quiet)
+            e = self.config.eval
+            report = evaluate_perplexity(
+                {name: str(path) for name, path in models.items()},
+                self.paths.data,
+                seq_len=self.config.seq_len,
+                batch_size=e.batch_size,
+                max_sequences=e.max_sequences,
+            )
+            write_perplexity_report(report, folder)
+            mark_done(folder, {"models": {k: str(v) for k, v in models.items()}})
+        return folder / "eval.json"
+
+    def routing(self, name: str, model: Path) -> Path:
+        from upcycle.eval import analyze_routing, write_routing_report
+
+        folder = self.paths.routing(name)
+        if not is_done(folder):
+            e = self.config.eval
+            report = analyze_routing(
+                model, self.paths.data, seq_len=self.config.seq_len, batch_size=e.batch_size,
+                max_sequences=e.max_sequences,
+            )  # fmt: skip
+            report.model = name  # figures and the report are titled by the comparison's name
+            write_routing_report(report, folder)
+            mark_done(folder, {"model": str(model)})
+        return folder / "routing.json"
+
+    def run(self) -> Path | None:
+        """Run every stage not yet done; the report's path, or None when branches were printed."""
+        tokenizer, data = self.prepare()
+        seed = self.seed_model(tokenizer, data)
+        branches = self.train_branches(seed, tokenizer)
+        if branches is None:
+            return None
+        starts = {spec.name: self.mix(spec, seed, branches) for spec in self.config.mixes}
+        branch_flops = self.branch_flops(seed)
+        total = self.reference_total_flops(branch_flops, starts)
+        models: dict[str, Path] = {"seed": seed, **{f"branch-{d}": p for d, p in branches.items()}}
+        finals: dict[str, Path] = {}
+        for spec in self.config.mixes:
+            if spec.recipe == "btm":
+                models[spec.name] = starts[spec.name]
+                continue
+            budget = self.finetune_budget(spec, starts[spec.name], total, branch_flops)
+            finals[spec.name] = self.finetune(spec, starts[spec.name], tokenizer, budget)
+            models[spec.name] = finals[spec.name]
+        eval_json = self.evaluate(models)
+        routing_files = [
+            self.routing(name, path) for name, path in finals.items() if load_config(path).moe is not None
+        ]
+        loss_files = [self.paths.finetune(name) / "metrics.jsonl" for name in finals]
+        from upcycle.eval import build_report
+
+        report = build_report(
+            self.paths.report,
+            eval_files=[eval_json],
+            routing_files=routing_files,
+            loss_files=[p for p in loss_files if p.is_file()],
+            title=f"upcycle pipeline: {Path(self.config.output).name}",
+        )
+        self._write_summary(models, branch_flops, total)
+        return report
+
+    def _write_summary(self, models: dict[str, Path], branch_flops: float, total: float) -> None:
+        flops = {}
+        for name in models:
+            folder = self.paths.finetune(name)
+            if is_done(folder):
+                flops[name] = read_done(folder)["flops"]
+        summary = {
+            "convention": "compute_matched: seed pre-training not counted; branched models spend "
+            "branch FLOPs + finetune FLOPs; seed-started models spend the same total on the mixture",
+            "branch_flops": branch_flops,
+            "total_flops_per_model": total,
+            "finetune_flops": flops,
+        }
+        atomic_write_bytes(self.paths.root / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def run_pipeline(config: PipelineConfig | dict | str | Path, *, quiet: bool = False) -> Path | None:
+    from upcycle.errors import validated
+    from upcycle.yaml_config import load_yaml_model
+
+    if isinstance(config, dict):
+        config = validated(PipelineConfig, config, "pipeline config")
+    elif not isinstance(config, PipelineConfig):
+        config = load_yaml_model(config, PipelineConfig)
+    return Pipeline(config, quiet=quiet).run()

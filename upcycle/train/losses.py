@@ -1,0 +1,54 @@
+"""The training loss: next-token cross-entropy plus every auxiliary loss the model returns.
+
+    loss = lm_loss + Σ_layers Σ_kinds aux[layers.N.kind]
+
+- `lm_loss` is the mean cross-entropy over the micro-batch's label positions, computed in fp32
+  whatever the autocast dtype. Labels are already the next tokens (`Batch.labels_BS`), so no
+  shift happens here.
+- Aux losses come from the model already multiplied by their coefficients (model/losses.py),
+  one per MoE/MoA layer and kind (`moe_load_balancing`, `moe_z_loss`, `moa_z_loss`). All of them
+  are added; for logging they are also summed per kind over layers, so a run that silently lost
+  its aux loss shows `loss == lm_loss`.
+- An MoE layer's aux loss is computed over the tokens of one forward call (a micro-batch), as
+  Megatron does; the value of a step is the mean over its micro-batches (and ranks).
+
+Shape letters: B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from upcycle.model.transformer import TransformerOutput
+
+
+@dataclass
+class LossParts:
+    """The loss to differentiate and its parts (graph-attached tensors)."""
+
+    total: torch.Tensor
+    lm: torch.Tensor
+    aux_by_kind: dict[str, torch.Tensor]
+
+
+def aux_kind(name: str) -> str:
+    """`layers.3.moe_load_balancing` -> `moe_load_balancing`."""
+    return name.rsplit(".", 1)[-1]
+
+
+def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten())
+
+
+def training_loss(output: TransformerOutput, labels_BS: torch.Tensor) -> LossParts:
+    """Cross-entropy plus every aux loss; aux losses also summed per kind for logging."""
+    lm = lm_loss(output.logits, labels_BS)
+    aux_by_kind: dict[str, torch.Tensor] = {}
+    for name, value in output.aux_losses.items():
+        kind = aux_kind(name)
+        aux_by_kind[kind] = aux_by_kind.get(kind, 0) + value.float()
+    total = lm + sum(aux_by_kind.values()) if aux_by_kind else lm
+    return LossParts(total=total, lm=lm, aux_by_kind=aux_by_kind)

@@ -1,0 +1,161 @@
+"""`TrainStep`: one optimiser step over this rank's micro-batches, shared by the trainer and
+bench/train_step.py.
+
+Order inside a step, and why:
+1. write the scheduled learning rate into the optimiser; tell every router the step (only
+   sample_top1 reads it: its temperature decays with the step);
+2. for each micro-batch: forward under autocast (bf16 on CUDA) or in fp32, loss = lm + Σ aux,
+   backward of loss / micro-batches; FSDP2 reduce-scatters only after the last micro-batch, and
+   averages over ranks, so the gradient is the mean over the whole global batch;
+3. the global gradient norm (before clipping), then ONE host synchronisation that fetches the
+   loss parts, the norm and the expert loads, summed over micro-batches and ranks;
+4. a non-finite loss or norm stops here, before the optimiser step (`NonFiniteLossError`
+   names the step) or, with the skip policy, drops this step's update;
+5. clip to `clip_grad_norm` with the norm already computed, optimiser step, zero the gradients.
+
+Shape letters: B batch, S sequence, E experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from upcycle.data import Batch
+from upcycle.errors import UpcycleError
+from upcycle.model.moe import MoE
+from upcycle.model.router import Router
+from upcycle.train.distributed import Distributed, set_gradient_sync
+from upcycle.train.losses import training_loss
+from upcycle.train.optim import set_learning_rate
+from upcycle.train.schedule import WarmupCosine
+
+
+class NonFiniteLossError(UpcycleError):
+    """A non-finite loss or gradient norm stopped the run before the optimiser step."""
+
+    exit_code = 3
+
+
+@dataclass
+class StepResult:
+    """What one step did, as Python numbers (means over micro-batches and ranks)."""
+
+    step: int
+    loss: float
+    lm_loss: float
+    aux_losses: dict[str, float]
+    grad_norm: float
+    lr: float
+    skipped: bool = False
+    expert_load: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> tokens per expert
+
+
+def model_inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) on the device; labels are the next tokens, already shifted by the data."""
+    return batch.input_ids_BS.to(device, non_blocking=True), batch.labels_BS.to(device, non_blocking=True)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class TrainStep:
+    """Callable `(step, micro_batches) -> StepResult` over a model and its optimiser."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: WarmupCosine,
+        distributed: Distributed,
+        *,
+        clip_grad_norm: float | None,
+        autocast_dtype: torch.dtype | None,
+        nonfinite_policy: str = "stop",
+    ) -> None:
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.distributed = distributed
+        self.clip_grad_norm, self.autocast_dtype = clip_grad_norm, autocast_dtype
+        self.nonfinite_policy = nonfinite_policy
+        self.moe_layers = [(i, b.mlp) for i, b in enumerate(model.model.layers) if isinstance(b.mlp, MoE)]
+        self.routers = [m for m in model.modules() if isinstance(m, Router)]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, step: int, micro_batches: list[Batch]) -> StepResult:
+        lr = self.schedule(step)
+        set_learning_rate(self.optimizer, lr)
+        for router in self.routers:
+            router.set_step(step - 1)
+        sums, aux_kinds = self._forward_backward(micro_batches)
+        norm = self._grad_norm()
+        values = self._reduce(sums, norm)
+        passes = len(micro_batches) * self.distributed.world_size
+        result = self._result(step, lr, values, aux_kinds, passes)
+        if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+            if self.clip_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.trainable, self.clip_grad_norm, norm)
+            self.optimizer.step()
+        elif self.nonfinite_policy == "stop":
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"step {step}: the loss is {result.loss} and the gradient norm {result.grad_norm}; "
+                f"the run stopped before the optimizer step, so the weights are those of step {step - 1}; "
+                "lower optimizer.lr or check the data, and resume from the last checkpoint"
+            )
+        else:
+            result.skipped = True
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    def _forward_backward(self, micro_batches: list[Batch]) -> tuple[list[torch.Tensor], list[str]]:
+        """Run every micro-batch; return detached sums [total, lm, aux kinds..., expert loads...]."""
+        device = self.distributed.device
+        sums: list[torch.Tensor] | None = None
+        aux_kinds: list[str] = []
+        for index, batch in enumerate(micro_batches):
+            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            input_ids_BS, labels_BS = model_inputs(batch, device)
+            with autocast_context(device, self.autocast_dtype):
+                output = self.model(input_ids_BS)
+            parts = training_loss(output, labels_BS)
+            aux_kinds = sorted(parts.aux_by_kind)
+            # Read before backward: activation checkpointing re-runs the forward in backward.
+            stats = [parts.total, parts.lm, *(parts.aux_by_kind[k] for k in aux_kinds)]
+            stats += [moe.expert_load for _, moe in self.moe_layers]
+            stats = [s.detach().reshape(-1).to(torch.float64) for s in stats]
+            sums = stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
+            (parts.total / len(micro_batches)).backward()
+        assert sums is not None, "a step needs at least one micro-batch"
+        return sums, aux_kinds
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.distributed.device)
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        # Under FSDP2 the gradients are DTensor shards and so is their norm; make it global.
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _reduce(self, sums: list[torch.Tensor], norm: torch.Tensor) -> list[float]:
+        """Sum over ranks, then fetch everything with one host synchronisation."""
+        flat = self.distributed.all_reduce_sum(torch.cat(sums))
+        return torch.cat([flat, norm.detach().reshape(1).to(flat)]).tolist()
+
+    def _result(
+        self, step: int, lr: float, values: list[float], aux_kinds: list[str], passes: int
+    ) -> StepResult:
+        """Means over the `passes` forward passes (micro-batches × ranks) of the step."""
+        total, lm, *rest = values[:-1]
+        aux = {k: rest[i] / passes for i, k in enumerate(aux_kinds)}
+        loads, offset = {}, len(aux_kinds)
+        for layer, moe in self.moe_layers:
+            loads[layer] = [int(v) for v in rest[offset : offset + moe.num_experts]]
+            offset += moe.num_experts
+        return StepResult(step, total / passes, lm / passes, aux, values[-1], lr, expert_load=loads)
