@@ -44,7 +44,7 @@ from upcycle.data import Batch
 from upcycle.model import ModelConfig, Transformer
 from upcycle.model.flops import active_parameters, total_parameters, training_flops_per_token
 from upcycle.model.init import init_weights
-from upcycle.model.moe import MoE
+from upcycle.model.moe import MoE, autocast_dtype
 from upcycle.train import TrainStep, WarmupCosine
 from upcycle.train.build import compile_blocks
 from upcycle.train.config import OptimizerConfig
@@ -94,7 +94,8 @@ def moe_paths(model: Transformer) -> set[str]:
         if isinstance(module, MoE):
 
             def hook(moe, args, seen=seen):
-                seen.add(moe.resolved_implementation(args[0].reshape(-1, args[0].shape[-1])))
+                x_TD = args[0].reshape(-1, args[0].shape[-1])
+                seen.add(moe.resolved_implementation(x_TD.to(autocast_dtype(x_TD))))
 
             module.register_forward_pre_hook(hook)
     return seen
