@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run the main job: create a tiny Llama-shaped model from
-# examples/tiny-model.yaml and inspect it. (The full Branch -> Train -> Mix demo replaces this
-# when `upcycle demo` lands.)
+# Set up .venv if needed, then run the main job: `upcycle demo`, the whole workflow (built-in
+# corpus -> seed -> four domain branches -> BTX, BAM, sparse upcycling, dense and BTM at equal
+# compute -> evaluation -> report) on the CPU. Output in runs/demo unless a folder is given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-out=${1:-runs/tiny-model}
-.venv/bin/upcycle init examples/tiny-model.yaml "$out" --overwrite
-.venv/bin/upcycle inspect "$out"
+exec .venv/bin/upcycle demo --out "${1:-runs/demo}"

@@ -168,7 +168,7 @@ def test_too_little_disk_is_refused_up_front(seed_dir, tmp_path, monkeypatch, ca
     config = write_yaml(tmp_path / "c.yaml", {"recipe": "sparse", "sources": [str(seed_dir)]})
     assert cli_main(["convert", str(config), str(tmp_path / "out")]) == 2
     message = capsys.readouterr().err.strip()
-    assert "GB are free" in message and "free some space" in message and len(message.splitlines()) == 1
+    assert "kB are free" in message and "free some space" in message and len(message.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

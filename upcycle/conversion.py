@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from upcycle.checkpoint.atomic import write_refusal
 from upcycle.checkpoint.convert import write_converted
 from upcycle.checkpoint.export import get_export
 from upcycle.errors import UpcycleError, describe_validation_error, validated
@@ -126,19 +127,25 @@ def convert(
     dtype = (
         sources[0].dtype() if convert_config.output.dtype == "auto" else DTYPES[convert_config.output.dtype]
     )
-    return write_converted(
-        recipe.target,
-        recipe.build,
-        export,
-        out_dir,
-        dtype=dtype,
-        max_shard_bytes=convert_config.output.shard_size_mb * 1024**2,
-        tokenizer_from=sources[0].folder,
-        recipe_yaml=convert_config.model_dump(mode="json"),
-        model_card=model_card(recipe, convert_config),
-        overwrite=overwrite,
-        quiet=quiet,
-    )
+    try:
+        return write_converted(
+            recipe.target,
+            recipe.build,
+            export,
+            out_dir,
+            dtype=dtype,
+            max_shard_bytes=convert_config.output.shard_size_mb * 1024**2,
+            tokenizer_from=sources[0].folder,
+            recipe_yaml=convert_config.model_dump(mode="json"),
+            model_card=model_card(recipe, convert_config),
+            overwrite=overwrite,
+            quiet=quiet,
+        )
+    except OSError as error:  # a full disk, a filesystem without renames: one sentence
+        refusal = write_refusal(error, out_dir)
+        if refusal is None:
+            raise
+        raise refusal from error
 
 
 def model_card(recipe, config: ConvertConfig) -> str:

@@ -4,11 +4,16 @@ A killed run leaves either nothing, or the previous complete output, never a hal
 Staging folders are named `.<target>.staging-<pid>-<random>`; a staging folder whose process
 is gone is removed the next time the same target is written (and nothing else beside it is
 touched).
+
+A failed write (a full disk, a filesystem that cannot rename folders) removes the staging folder,
+keeps a previous output under its name and re-raises the OSError; `write_refusal` turns the
+failures a user can fix into one `UpcycleError` sentence.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -18,6 +23,7 @@ from pathlib import Path
 from upcycle.errors import UpcycleError
 
 _STAGING_MARK = ".staging-"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -66,6 +72,11 @@ def check_target(target: Path, overwrite: bool) -> None:
         )
     if target.exists() and not target.is_dir():
         raise UpcycleError(f"{target} exists and is not a folder; remove it or choose another output path")
+    ancestor = target.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UpcycleError(f"cannot create {target}: {ancestor} is a file, not a folder; choose another path")
 
 
 @contextlib.contextmanager
@@ -76,12 +87,12 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     one is in place, so a kill at any point leaves a complete folder under one of the names.
     """
     target = Path(target).absolute()
+    remove_stale_staging(target)  # first: it may restore a previous output that check_target must see
     check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target)
     staging = target.parent / f".{target.name}{_STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
     try:
+        staging.mkdir()
         yield staging
         fsync_dir(staging)
         _replace_dir(staging, target)
@@ -90,14 +101,47 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
         raise
 
 
+class FolderRenameError(OSError):
+    """Renaming an output folder failed (errno kept): the filesystem may not support it."""
+
+
+def write_refusal(error: OSError, target: str | Path) -> UpcycleError | None:
+    """One sentence for a failed write of the output folder `target` whose cause the user can
+    fix (a full disk or quota, a filesystem without folder renames); None for other errors."""
+    target = Path(target).absolute()
+    if error.errno in _NO_SPACE:
+        return UpcycleError(
+            f"disk full while writing {target} ({error.strerror}); the partial output was removed, "
+            f"free some space under {target.parent} or choose another output folder"
+        )
+    if isinstance(error, FolderRenameError):
+        return UpcycleError(
+            f"cannot move the finished output into place at {target}: renaming a folder failed "
+            f"({error.strerror}), which this filesystem may not support; write to a local disk and copy "
+            "the result from there"
+        )
+    return None
+
+
+def _rename(source: Path, destination: Path) -> None:
+    try:
+        os.rename(source, destination)
+    except OSError as error:
+        raise FolderRenameError(error.errno, error.strerror, os.fsdecode(source)) from error
+
+
 def _replace_dir(staging: Path, target: Path) -> None:
     if not target.exists():
-        os.rename(staging, target)
+        _rename(staging, target)
         fsync_dir(target.parent)
         return
     aside = target.parent / f".{target.name}{_STAGING_MARK}{os.getpid()}-old-{secrets.token_hex(4)}"
-    os.rename(target, aside)
-    os.rename(staging, target)
+    _rename(target, aside)
+    try:
+        _rename(staging, target)
+    except BaseException:
+        os.rename(aside, target)  # the previous output goes back under its name
+        raise
     fsync_dir(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
 

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from upcycle.checkpoint.architectures import architecture_for, model_config_from_hf
 from upcycle.checkpoint.native import NATIVE_MODEL_TYPE
 from upcycle.checkpoint.safetensors_io import SafetensorsReader
-from upcycle.errors import UpcycleError, validated
+from upcycle.errors import UpcycleError, describe_validation_error, validated
 from upcycle.model.config import ModelConfig
 from upcycle.model.transformer import Transformer
 
@@ -78,6 +79,8 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
         raise UpcycleError(
             f"{config_path} is not valid JSON ({error.msg} at line {error.lineno}); fix or re-create it"
         ) from error
+    except UnicodeDecodeError as error:
+        raise UpcycleError(f"{config_path} is not UTF-8 text; fix or re-create it") from error
     if not isinstance(data, dict):
         raise UpcycleError(f"{config_path} must hold a JSON object; fix or re-create it")
     return data
@@ -92,14 +95,25 @@ def load_config(path: str | Path) -> ModelConfig:
     hf = read_config_json(path)
     if is_native(hf):
         return validated(ModelConfig, hf.get("upcycle"), f"{Path(path) / 'config.json'} (key 'upcycle')")
-    return model_config_from_hf(hf)
+    where = str(Path(path) / "config.json")
+    try:
+        return model_config_from_hf(hf)
+    except ValidationError as error:  # a key missing, of the wrong type or out of range
+        raise UpcycleError(describe_validation_error(error, where)) from error
+    except UpcycleError as error:  # say which file, since a convert may read several
+        raise UpcycleError(f"{where}: {error}") from error
 
 
 def _load_bin(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / BIN_INDEX
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [BIN_SINGLE]
-    )
+    files = [BIN_SINGLE]
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise UpcycleError(f"{index} is not a valid checkpoint index; re-create it") from error
+        if not all(isinstance(name, str) and name == Path(name).name for name in files):
+            raise UpcycleError(f"{index} must name shard files in the same folder; re-create it")
     state: dict[str, torch.Tensor] = {}
     for name in files:
         file = folder / name
@@ -290,4 +304,17 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(tensors, strict=True, assign=True)
+    materialize_buffers(model, device)
     return model.eval()
+
+
+def materialize_buffers(model: torch.nn.Module, device: str | torch.device) -> None:
+    """Give the non-persistent buffers (not in checkpoints, e.g. a router's step counter) real
+    storage: built on the meta device, they would still be meta after loading. They are counters
+    and start at zero."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_meta:
+                module.register_buffer(
+                    name, torch.zeros(buffer.shape, dtype=buffer.dtype, device=device), persistent=False
+                )

@@ -12,6 +12,7 @@ Memory therefore stays at one tensor, whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -86,6 +87,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if not isinstance(header, dict):
         raise UpcycleError(f"{path} has a malformed safetensors header; the file is corrupt, re-create it")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise UpcycleError(f"{path} has a malformed __metadata__ entry; the file is corrupt, re-create it")
     data_start = 8 + header_len
     data_len = size - data_start
     entries = {name: _check_entry(path, name, info, data_start, data_len) for name, info in header.items()}
@@ -99,7 +102,7 @@ def _check_entry(path: Path, name: str, info: object, data_start: int, data_len:
 
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise bad("has a malformed header entry")
-    dtype = DTYPES.get(info["dtype"])
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
         raise bad(f"has unsupported dtype {info['dtype']!r}")
     shape, offsets = info["shape"], info["data_offsets"]
@@ -178,8 +181,15 @@ class SafetensorsReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
                 raise UpcycleError(f"{index} is not a valid safetensors index; re-create it") from error
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+                for name in weight_map.values()
+            ):
+                raise UpcycleError(
+                    f"{index} must map tensor names to shard file names in the same folder; re-create it"
+                )
             files = sorted(set(weight_map.values()))
             missing = [name for name in files if not (self.folder / name).is_file()]
             if missing:
@@ -266,13 +276,14 @@ class StreamingWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            with contextlib.suppress(OSError):  # e.g. the disk is full: keep the first error
+                self._close_handle()
+            return
         self._close_handle()
-        if exc_type is None:
-            if self._position != len(self._order):
-                raise RuntimeError(
-                    f"StreamingWriter closed after {self._position} of {len(self._order)} tensors"
-                )
-            self._write_index()
+        if self._position != len(self._order):
+            raise RuntimeError(f"StreamingWriter closed after {self._position} of {len(self._order)} tensors")
+        self._write_index()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard_index, planned = self._order[self._position]
@@ -306,11 +317,14 @@ class StreamingWriter:
         self._open_shard = shard_index
 
     def _close_handle(self) -> None:
-        if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            self._handle = None
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            handle.close()  # always, so a failed write (full disk) releases the file
 
     def _write_index(self) -> None:
         if len(self.shards) == 1:

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from upcycle.checkpoint.convert import all_finite
 from upcycle.checkpoint.loading import CheckpointTensors, open_checkpoint
 from upcycle.checkpoint.native import TOKENIZER_FILES
 from upcycle.errors import UpcycleError
@@ -38,6 +39,8 @@ OutputDtype = Literal["auto", "float64", "float32", "bfloat16", "float16"]
 class RouterInit(StrictModel):
     """New routers: N(0, std²) (`normal`, methods.md §9.11) or uniform with that std; std 0 gives
     a zero router (§7 F3). Seeded per layer, so a router does not depend on conversion order."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     std: float = Field(0.02, ge=0)
     seed: int = 0
@@ -66,6 +69,8 @@ class ConvertConfig(BaseModel):
 
 class MoEParams(StrictModel):
     """Parameters every MoE recipe accepts (names are the stable convert-YAML keys)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # an infinite scale or std would write inf weights
 
     num_experts: int | None = Field(None, gt=0)
     top_k: int = Field(2, gt=0)
@@ -115,12 +120,20 @@ class SourceModel:
             return "model.embed_tokens.weight"
         return name
 
+    def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not all_finite(tensor):
+            raise UpcycleError(
+                f"source {self.folder} holds NaN or inf values in tensor {name!r}; "
+                "convert only a source with finite weights"
+            )
+        return tensor
+
     def tensor(self, name: str) -> torch.Tensor:
-        """One source tensor by its native name (kept among the few most recent)."""
+        """One source tensor by its native name (kept among the few most recent; checked finite)."""
         name = self._native(name)
         if name in self._recent:
             return self._recent[name]
-        tensor = self.checkpoint.get(name)
+        tensor = self._finite(name, self.checkpoint.get(name))
         self._recent[name] = tensor
         while len(self._recent) > self.RECENT:
             self._recent.popitem(last=False)
@@ -130,8 +143,9 @@ class SourceModel:
         return self.checkpoint.shape(self._native(name))
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, read without loading the rest (not cached)."""
-        return self.checkpoint.get_rows(self._native(name), start, stop)
+        """Rows [start, stop) of a tensor, read without loading the rest (not cached; checked finite)."""
+        name = self._native(name)
+        return self._finite(name, self.checkpoint.get_rows(name, start, stop))
 
     def dtype(self) -> torch.dtype:
         return self.rows("model.embed_tokens.weight", 0, 1).dtype

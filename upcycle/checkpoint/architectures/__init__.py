@@ -139,6 +139,9 @@ def architecture_for(model_type: str | None) -> Architecture:
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     params = hf.get("rope_parameters")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise UpcycleError(f"key {key} must be a JSON object; fix or re-create config.json")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         raise UpcycleError("per-layer rope_parameters are not supported; use a single RoPE configuration")
     scaling = dict(params or hf.get("rope_scaling") or {})
