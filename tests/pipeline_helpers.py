@@ -26,7 +26,12 @@ def reduced_pipeline(output: Path, **overrides) -> dict:
         "output": str(output),
         "seq_len": 32,
         "heldout_fraction": 0.1,
-        "corpus": {"domains": ["code", "math"], "bytes_per_domain": 40_000, "vocab_size": 512, "download": False},
+        "corpus": {
+            "domains": ["code", "math"],
+            "bytes_per_domain": 40_000,
+            "vocab_size": 512,
+            "download": False,
+        },
         "seed": {"config": TINY_MODEL, "steps": 6, "train": train},
         "branches": {"steps": 4, "train": train},
         "mixes": [

@@ -34,7 +34,9 @@ def test_example_validates(path):
     elif kind == "tiny":
         load_yaml_model(path, ModelConfig)
     else:
-        pytest.fail(f"{path.name}: name it pipeline-*, train-*, convert-* or tiny-* so this test knows its type")
+        pytest.fail(
+            f"{path.name}: name it pipeline-*, train-*, convert-* or tiny-* so this test knows its type"
+        )
     assert isinstance(read_yaml(path), dict)
 
 

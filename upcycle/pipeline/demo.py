@@ -42,7 +42,9 @@ def sanity_checks(report) -> list[str]:
     seed = report.overall("seed").perplexity
     for name in MIXED:
         if name in report.scores and not report.overall(name).perplexity < seed:
-            failures.append(f"{name} ({report.overall(name).perplexity:.2f}) does not beat the seed ({seed:.2f})")
+            failures.append(
+                f"{name} ({report.overall(name).perplexity:.2f}) does not beat the seed ({seed:.2f})"
+            )
     return failures
 
 
