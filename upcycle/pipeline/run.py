@@ -120,6 +120,7 @@ def train_config(
         "compile": settings.compile,
         "seed": seed,
         "checkpoint": {"every_steps": settings.checkpoint_every_steps},
+        "eval": {"at_end": False},  # the pipeline's own evaluation stage scores every model once
         "log": {"progress": False},
     }
     for key, value in settings.extra.items():
