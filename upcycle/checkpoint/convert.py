@@ -126,6 +126,7 @@ def write_converted(
             cached_name, cached = None, None
             for output in outputs:
                 if output.native_name != cached_name:
+                    cached = tensor = None  # let the previous tensor go before building the next
                     cached_name, cached = output.native_name, build(output.native_name)
                 tensor = cached if output.transform is None else output.transform(cached)
                 tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor

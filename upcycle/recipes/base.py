@@ -142,6 +142,9 @@ class SourceModel:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.checkpoint.shape(self._native(name))
 
+    def forget_recent(self) -> None:
+        self._recent.clear()
+
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor, read without loading the rest (not cached; checked finite)."""
         name = self._native(name)
@@ -273,4 +276,6 @@ class UpcycleRecipe:
                     rows = matrix.shape[0] if which == "down" else 2 * F
                     out = torch.empty(E, rows, matrix.shape[1], dtype=matrix.dtype)
                 out[expert, row : row + matrix.shape[0]] = matrix
+        for source in self.sources:  # the matrices read for this stack are not needed again
+            source.forget_recent()
         return out
