@@ -20,6 +20,7 @@ import torch
 import transformers
 import yaml
 from cli_helpers import assert_refused, run_cli
+from hf_models import TINY as HF_TINY
 from hf_models import build_hf_model, padded_batch, save_hf_model
 from safetensors.torch import load_file, save_file
 
@@ -28,19 +29,7 @@ from upcycle.checkpoint.export import get_export
 from upcycle.checkpoint.hf_moe import export_checkpoint
 from upcycle.model.init import init_weights
 
-TINY = dict(
-    vocab_size=101,
-    hidden_size=48,
-    intermediate_size=80,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+TINY = {**HF_TINY, "num_hidden_layers": 3}  # three layers, so that sparse-step layouts differ
 
 # case -> (export format, HF class, native ModelConfig fields beyond TINY)
 NATIVE_CASES = {
