@@ -15,9 +15,12 @@ It knows nothing of recipes: `upcycle/convert.py` wires a recipe to it.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import queue
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +89,61 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
+class WriteBehind:
+    """Writes tensors on a background thread while the next one is built, one in flight.
+
+    `write` waits for the previous tensor to be on its way to disk before handing over the
+    next, so at most two output tensors are alive (the one being written, the one being built).
+    Views of the tensor in flight (an HF export's per-expert slices of one stacked tensor) are
+    queued at once: they cost no memory, and the next tensor is then built while they are
+    written. An error of the writer thread (a full disk) is raised again in the caller at the next
+    `write` or at exit, so the atomic output folder is discarded as usual.
+    """
+
+    def __init__(self, writer: StreamingWriter) -> None:
+        self.writer = writer
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._storage = None  # data pointer of the storage whose tensors are in flight
+        self._thread = threading.Thread(target=self._run, name="upcycle-writer", daemon=True)
+
+    def __enter__(self) -> WriteBehind:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self.writer.write(*item)
+            except BaseException as error:
+                self._error = error
+            finally:
+                item = None
+                self._queue.task_done()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage().data_ptr()
+        if storage != self._storage:
+            self._queue.join()  # the previous tensor is written
+            self._storage = storage
+        self._raise_error()
+        self._queue.put((name, tensor))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None:
+            self._raise_error()
+
+
 def _progress(total: int, quiet: bool) -> Progress:
     console = Console(stderr=True)
     return Progress(
@@ -97,6 +155,29 @@ def _progress(total: int, quiet: bool) -> Progress:
         console=console,
         disable=quiet or not console.is_terminal,
     )
+
+
+def _stream(
+    outputs, build: Callable[[str], torch.Tensor], dtype: torch.dtype, writer: WriteBehind, advance
+) -> None:
+    """Build every planned output tensor in order and hand it to the writer."""
+    cached_name, cached = None, None
+    for output in outputs:
+        if output.native_name != cached_name:
+            cached = tensor = None  # let the previous tensor go before building the next
+            cached_name, cached = output.native_name, build(output.native_name)
+        tensor = cached if output.transform is None else output.transform(cached)
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        if dtype == torch.float16 and not all_finite(tensor):  # sources are checked finite
+            raise UpcycleError(
+                f"output tensor {output.name!r} has values beyond the float16 range (±65504); "
+                "choose output.dtype bfloat16 or float32"
+            )
+        if tuple(tensor.shape) != output.shape:
+            raise RuntimeError(f"{output.name}: built shape {tuple(tensor.shape)}, planned {output.shape}")
+        writer.write(output.name, tensor.contiguous())
+        tensor = None
+        advance(math.prod(output.shape) * dtype.itemsize)
 
 
 def write_converted(
@@ -122,25 +203,12 @@ def write_converted(
     total = sum(p.nbytes for p in plan)
     with atomic_output_dir(out_dir, overwrite=overwrite) as staging, _progress(total, quiet) as bar:
         task = bar.add_task("convert", total=total)
-        with StreamingWriter(staging, plan, max_shard_bytes) as writer:
-            cached_name, cached = None, None
-            for output in outputs:
-                if output.native_name != cached_name:
-                    cached = tensor = None  # let the previous tensor go before building the next
-                    cached_name, cached = output.native_name, build(output.native_name)
-                tensor = cached if output.transform is None else output.transform(cached)
-                tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
-                if dtype == torch.float16 and not all_finite(tensor):  # sources are checked finite
-                    raise UpcycleError(
-                        f"output tensor {output.name!r} has values beyond the float16 range (±65504); "
-                        "choose output.dtype bfloat16 or float32"
-                    )
-                if tuple(tensor.shape) != output.shape:
-                    raise RuntimeError(
-                        f"{output.name}: built shape {tuple(tensor.shape)}, planned {output.shape}"
-                    )
-                writer.write(output.name, tensor.contiguous())
-                bar.advance(task, math.prod(output.shape) * dtype.itemsize)
+        gc.freeze()  # the stream allocates no cycles; sparing the collector a walk of every object is measurable
+        try:
+            with StreamingWriter(staging, plan, max_shard_bytes) as writer, WriteBehind(writer) as behind:
+                _stream(outputs, build, dtype, behind, lambda count: bar.advance(task, count))
+        finally:
+            gc.unfreeze()
         (staging / "config.json").write_text(
             json.dumps(export.config_json(target), indent=2, sort_keys=True) + "\n"
         )

@@ -257,6 +257,25 @@ class CheckpointTensors:
             return self._source.entries[theirs].shape
         return tuple(self._source[theirs].shape)
 
+    def dtype(self, native_name: str) -> torch.dtype:
+        theirs = self._parts[native_name][0][0] if native_name in self._parts else self._direct[native_name]
+        if isinstance(self._source, SafetensorsReader):
+            return self._source.entries[theirs].dtype
+        return self._source[theirs].dtype
+
+    def read_into(
+        self, native_name: str, out: torch.Tensor, start: int | None = None, stop: int | None = None
+    ) -> None:
+        """Tensor `native_name` (or its rows [start, stop)) written into `out`, which has its dtype
+        and shape; safetensors bytes go straight into `out`'s storage, with no temporary."""
+        theirs = self._direct.get(native_name)
+        if theirs is not None and isinstance(self._source, SafetensorsReader) and out.is_contiguous():
+            self._source.read_into(theirs, out, start, stop)
+        elif start is None:
+            out.copy_(self.get(native_name))
+        else:
+            out.copy_(self.get_rows(native_name, start, stop))
+
     def get_rows(self, native_name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor; reads only those bytes when the file allows it."""
         theirs = self._direct.get(native_name)

@@ -43,6 +43,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+# Linux: after each tensor is written, posix_fadvise(DONTNEED) starts its writeback at once, so
+# the final fsync finds little left to do and the cache is not filled with pages we never read.
+ADVISE_DONTNEED = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 SINGLE_NAME = "model.safetensors"
 
 
@@ -54,6 +57,22 @@ class TensorEntry:
     file: Path
     begin: int  # absolute byte offset in the file
     nbytes: int
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object as a dict, refusing a key given twice (json.loads would keep the last)."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
@@ -79,7 +98,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     except OSError as error:
         raise UpcycleError(f"cannot read {path}: {error.strerror}; check the path and permissions") from error
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKeyError as error:
+        raise UpcycleError(
+            f"{path} has a safetensors header that names {error.key!r} twice, so which entry counts "
+            "is ambiguous; the file is corrupt or hostile, re-create it"
+        ) from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UpcycleError(
             f"{path} has an unreadable safetensors header; the file is corrupt, re-create it"
@@ -135,25 +159,46 @@ def _check_no_overlap(path: Path, entries: Iterable[TensorEntry]) -> None:
             previous_end, previous_name = entry.begin + entry.nbytes, entry.name
 
 
+def read_into(entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
+    """Read one tensor's bytes from disk straight into `out` (contiguous, same dtype and size).
+
+    The bytes land in `out`'s own storage: no zero-filled staging buffer, no second copy. That
+    matters on a machine whose page cache is full of what a conversion just wrote, where every
+    fresh page of a staging buffer faults and waits for reclaim (bench/RESULTS.md, conversion).
+    """
+    if (
+        out.dtype != entry.dtype
+        or out.numel() * out.element_size() != entry.nbytes
+        or not out.is_contiguous()
+    ):
+        raise RuntimeError(
+            f"read_into: {entry.name!r} does not fit a {out.dtype} tensor of shape {tuple(out.shape)}"
+        )
+    if entry.nbytes == 0:
+        return out
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    with open(entry.file, "rb", buffering=0) as handle:
+        handle.seek(entry.begin)
+        done = 0
+        while done < entry.nbytes:  # one read returns at most ~2 GB on Linux
+            count = handle.readinto(view[done:])
+            if not count:
+                raise UpcycleError(
+                    f"{entry.file} is truncated at tensor {entry.name!r}; re-download or re-create it"
+                )
+            done += count
+    return out
+
+
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
     """Read one tensor's bytes from disk into a fresh CPU tensor."""
-    buffer = bytearray(entry.nbytes)
-    with open(entry.file, "rb") as handle:
-        handle.seek(entry.begin)
-        if handle.readinto(buffer) != entry.nbytes:
-            raise UpcycleError(
-                f"{entry.file} is truncated at tensor {entry.name!r}; re-download or re-create it"
-            )
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    flat = torch.frombuffer(buffer, dtype=torch.uint8)
-    return flat.view(entry.dtype).reshape(entry.shape)
+    return read_into(entry, torch.empty(entry.shape, dtype=entry.dtype))
 
 
-def read_tensor_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a tensor (first dimension), reading only their bytes."""
+def row_range(entry: TensorEntry, start: int, stop: int) -> TensorEntry:
+    """The entry of rows [start, stop) of a tensor (first dimension): their bytes only."""
     row_bytes = math.prod(entry.shape[1:]) * entry.dtype.itemsize
-    rows = TensorEntry(
+    return TensorEntry(
         entry.name,
         entry.dtype,
         (stop - start, *entry.shape[1:]),
@@ -161,7 +206,11 @@ def read_tensor_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
         entry.begin + start * row_bytes,
         (stop - start) * row_bytes,
     )
-    return read_tensor(rows)
+
+
+def read_tensor_rows(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor (first dimension), reading only their bytes."""
+    return read_tensor(row_range(entry, start, stop))
 
 
 class SafetensorsReader:
@@ -213,6 +262,13 @@ class SafetensorsReader:
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return read_tensor_rows(self.entries[name], start, stop)
+
+    def read_into(
+        self, name: str, out: torch.Tensor, start: int | None = None, stop: int | None = None
+    ) -> None:
+        """Tensor `name` (or its rows [start, stop)) read straight into `out`."""
+        entry = self.entries[name]
+        read_into(entry if start is None else row_range(entry, start, stop), out)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, entry in self.entries.items():
@@ -296,7 +352,11 @@ class StreamingWriter:
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        begin = self._handle.tell()
         self._handle.write(memoryview(data))
+        self._handle.flush()
+        if ADVISE_DONTNEED:  # start writeback now and keep written pages from crowding the cache
+            os.posix_fadvise(self._handle.fileno(), begin, len(data), os.POSIX_FADV_DONTNEED)
         self._position += 1
 
     def _start_shard(self, shard_index: int) -> None:

@@ -213,6 +213,9 @@ class BranchAttendMix(UpcycleRecipe):
     def shared_tensor(self, name: str) -> torch.Tensor:
         return mean_of_sources(self.sources, name)
 
+    def expert_source(self, layer: int, which: FFN_MATRIX, expert: int) -> SourceModel:
+        return self.sources[expert]
+
     def expert_matrix(self, layer: int, which: FFN_MATRIX, expert: int) -> torch.Tensor:
         return dense_ffn_matrix(self.sources[expert], layer, which)
 

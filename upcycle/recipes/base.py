@@ -151,7 +151,23 @@ class SourceModel:
         return self._finite(name, self.checkpoint.get_rows(name, start, stop))
 
     def dtype(self) -> torch.dtype:
-        return self.rows("model.embed_tokens.weight", 0, 1).dtype
+        return self.dtype_of("model.embed_tokens.weight")
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.checkpoint.dtype(self._native(name))
+
+    def read_into(
+        self, name: str, out: torch.Tensor, start: int | None = None, stop: int | None = None
+    ) -> None:
+        """Tensor `name` (or its rows [start, stop)) written into `out` (checked finite). When
+        `out` has the source's dtype the bytes are read straight into it, with no temporary;
+        otherwise the tensor is read and cast."""
+        native = self._native(name)
+        if out.dtype == self.checkpoint.dtype(native):
+            self.checkpoint.read_into(native, out, start, stop)
+        else:
+            out.copy_(self.tensor(name) if start is None else self.checkpoint.get_rows(native, start, stop))
+        self._finite(native, out)
 
 
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -237,6 +253,12 @@ class UpcycleRecipe:
         """W_gate [F, D], W_up [F, D] or W_down [D, F] of routed expert `expert` of `layer`."""
         return dense_ffn_matrix(self.seed, layer, which)
 
+    def expert_source(self, layer: int, which: FFN_MATRIX, expert: int) -> SourceModel | None:
+        """The source whose dense matrix *is* this expert's, unchanged, or None when the recipe
+        transforms it. Returning a source lets the engine read the bytes straight into the
+        expert's slot of the stacked tensor (no copy); `expert_matrix` must then agree."""
+        return None
+
     def router(self, layer: int) -> torch.Tensor:
         return new_router(self.params.router_init, layer, self.num_experts(), self.target.hidden_size)
 
@@ -265,17 +287,26 @@ class UpcycleRecipe:
         return self.shared_tensor(name)
 
     def _stacked_experts(self, layer: int, rest: str) -> torch.Tensor:
-        """Fill the stacked tensor expert by expert (one source matrix in memory at a time)."""
-        E, F = self.num_experts(), int(self.target.moe_intermediate_size)
-        parts = (("down", 0),) if rest.endswith("down_proj") else (("gate", 0), ("up", F))
+        """Fill the stacked tensor expert by expert: a matrix that a source holds unchanged
+        (`expert_source`) is read straight into its slot, any other is built by `expert_matrix`
+        and copied in (one source matrix in memory at a time)."""
+        E, F, D = self.num_experts(), int(self.target.moe_intermediate_size), self.target.hidden_size
+        down = rest.endswith("down_proj")
+        parts = (("down", 0, D),) if down else (("gate", 0, F), ("up", F, F))
         out = None
         for expert in range(E):
-            for which, row in parts:
+            for which, row, rows in parts:
+                source = self.expert_source(layer, which, expert)
+                name = f"model.layers.{layer}.mlp.{which}_proj.weight"
+                if source is not None and out is None:
+                    out = torch.empty((E, D, F) if down else (E, 2 * F, D), dtype=source.dtype_of(name))
+                if source is not None:
+                    source.read_into(name, out[expert, row : row + rows])
+                    continue
                 matrix = self.expert_matrix(layer, which, expert)
                 if out is None:
-                    rows = matrix.shape[0] if which == "down" else 2 * F
-                    out = torch.empty(E, rows, matrix.shape[1], dtype=matrix.dtype)
-                out[expert, row : row + matrix.shape[0]] = matrix
+                    out = torch.empty((E, D, F) if down else (E, 2 * F, D), dtype=matrix.dtype)
+                out[expert, row : row + rows] = matrix
         for source in self.sources:  # the matrices read for this stack are not needed again
             source.forget_recent()
         return out

@@ -17,14 +17,20 @@ exact (§7 F6); with real branches it equals no source (N6).
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
 from upcycle.errors import UpcycleError
-from upcycle.recipes.base import FFN_MATRIX, MoEParams, UpcycleRecipe, compute_dtype, dense_ffn_matrix
+from upcycle.recipes.base import (
+    FFN_MATRIX,
+    MoEParams,
+    SourceModel,
+    UpcycleRecipe,
+    compute_dtype,
+    dense_ffn_matrix,
+)
 from upcycle.recipes.registry import register
 
 
@@ -34,25 +40,45 @@ class BTXParams(MoEParams):
     split_chunks: int = Field(1, gt=0, description="chunks per source FFN for split / blend")
 
 
-MEAN_CHUNK_BYTES = 64 * 1024**2
+MEAN_BLOCK_BYTES = 8 * 1024**2
 
 
 def mean_of_sources(sources, name: str) -> torch.Tensor:
     """Uniform mean of one tensor over all sources, accumulated in fp32 (fp64 for fp64 sources)
-    and cast back. Rows are streamed in chunks of about 64 MB, so memory stays at one output
-    tensor plus one chunk per source, however many sources there are."""
+    and cast back: out = (s_0 + s_1 + ... + s_{N-1}) / N, summed in source order.
+
+    Rows are processed in blocks of about 8 MB of accumulator: each source's rows are read
+    straight into one reused buffer and added in place, so memory stays at the output tensor
+    plus two small buffers, however many sources there are, and no fresh memory is touched
+    per block (bench/RESULTS.md, conversion: fresh pages are what made this slow)."""
     shape = sources[0].shape(name)
-    first_rows = sources[0].rows(name, 0, 1)
-    acc_dtype = compute_dtype(first_rows.dtype)
-    out = torch.empty(shape, dtype=first_rows.dtype)
-    row_bytes = max(1, math.prod(shape[1:]) * torch.empty((), dtype=acc_dtype).element_size())
-    step = max(1, MEAN_CHUNK_BYTES // row_bytes)
-    for start in range(0, shape[0], step):
-        stop = min(start + step, shape[0])
-        total = sources[0].rows(name, start, stop).to(acc_dtype, copy=True)
-        for source in sources[1:]:
-            total += source.rows(name, start, stop).to(acc_dtype)
-        out[start:stop] = (total / len(sources)).to(out.dtype)
+    dtype = sources[0].dtype_of(name)
+    acc_dtype = compute_dtype(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    if out.numel() == 0:
+        return out
+    rows = shape[0] if len(shape) else 1
+    flat = out.view(rows, -1)
+    row_bytes = max(1, flat.shape[1] * torch.empty((), dtype=acc_dtype).element_size())
+    step = max(1, min(rows, MEAN_BLOCK_BYTES // row_bytes))
+    buffer = torch.empty((step, *shape[1:]), dtype=dtype)
+    total = torch.empty((step, *shape[1:]), dtype=acc_dtype)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        part, acc = buffer[: stop - start], total[: stop - start]
+        if len(shape) == 0:
+            part, acc = buffer.view(()), total.view(())
+        for index, source in enumerate(sources):
+            if len(shape) == 0:
+                source.read_into(name, part)
+            else:
+                source.read_into(name, part, start, stop)
+            if index == 0:
+                acc.copy_(part)
+            else:
+                acc.add_(part)
+        acc.div_(len(sources))
+        (out.view(()) if len(shape) == 0 else out[start:stop]).copy_(acc)
     return out
 
 
@@ -107,6 +133,9 @@ class BranchTrainMix(UpcycleRecipe):
 
     def shared_tensor(self, name: str) -> torch.Tensor:
         return mean_of_sources(self.sources, name)
+
+    def expert_source(self, layer: int, which: FFN_MATRIX, expert: int) -> SourceModel | None:
+        return self.sources[expert] if self.params.expert_layout == "whole" else None
 
     def expert_matrix(self, layer: int, which: FFN_MATRIX, expert: int) -> torch.Tensor:
         C = self.chunks()

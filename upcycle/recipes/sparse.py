@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from upcycle.recipes.base import FFN_MATRIX, MoEParams, UpcycleRecipe, dense_ffn_matrix
+from upcycle.recipes.base import FFN_MATRIX, MoEParams, SourceModel, UpcycleRecipe, dense_ffn_matrix
 from upcycle.recipes.registry import register
 
 
@@ -33,6 +33,9 @@ class SparseUpcycling(UpcycleRecipe):
     paper = "Komatsuzaki et al. 2022, Sparse Upcycling, https://arxiv.org/abs/2212.05055"
     summary = "copy the dense FFN into N experts, add a new router (TS top-2 by default)"
     Params: ClassVar = SparseParams
+
+    def expert_source(self, layer: int, which: FFN_MATRIX, expert: int) -> SourceModel | None:
+        return None if which == "down" and self.params.down_scale != 1.0 else self.seed
 
     def expert_matrix(self, layer: int, which: FFN_MATRIX, expert: int) -> torch.Tensor:
         matrix = dense_ffn_matrix(self.seed, layer, which)
