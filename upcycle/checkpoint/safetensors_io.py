@@ -46,6 +46,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # Linux: after each tensor is written, posix_fadvise(DONTNEED) starts its writeback at once, so
 # the final fsync finds little left to do and the cache is not filled with pages we never read.
 ADVISE_DONTNEED = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
+ADVISE_EVERY_BYTES = 64 * 1024**2
 SINGLE_NAME = "model.safetensors"
 
 
@@ -352,12 +353,23 @@ class StreamingWriter:
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        begin = self._handle.tell()
         self._handle.write(memoryview(data))
-        self._handle.flush()
-        if ADVISE_DONTNEED:  # start writeback now and keep written pages from crowding the cache
-            os.posix_fadvise(self._handle.fileno(), begin, len(data), os.POSIX_FADV_DONTNEED)
+        self._advise()
         self._position += 1
+
+    def _advise(self) -> None:
+        """posix_fadvise(DONTNEED) over what was written since the last advice, once 64 MiB have
+        gathered (the fsync at the end of the shard takes the rest): each call drains per-CPU
+        page lists, which costs more than the advice itself when made per small tensor."""
+        if not ADVISE_DONTNEED:
+            return
+        self._handle.flush()
+        end = self._handle.tell()
+        if end - self._advised_upto >= ADVISE_EVERY_BYTES:
+            os.posix_fadvise(
+                self._handle.fileno(), self._advised_upto, end - self._advised_upto, os.POSIX_FADV_DONTNEED
+            )
+            self._advised_upto = end
 
     def _start_shard(self, shard_index: int) -> None:
         self._close_handle()
@@ -375,6 +387,7 @@ class StreamingWriter:
         self._handle = open(self.folder / self.file_names[shard_index], "wb")  # noqa: SIM115
         self._handle.write(struct.pack("<Q", len(raw)) + raw)
         self._open_shard = shard_index
+        self._advised_upto = 0
 
     def _close_handle(self) -> None:
         handle, self._handle = self._handle, None
