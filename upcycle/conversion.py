@@ -8,7 +8,9 @@ constraints, that the output format can hold the result, and that the disk has r
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from upcycle.checkpoint.atomic import write_refusal
 from upcycle.checkpoint.convert import write_converted
 from upcycle.checkpoint.export import get_export
 from upcycle.errors import UpcycleError, describe_validation_error, validated
+from upcycle.model.config import ModelConfig
 from upcycle.recipes import get_recipe
 from upcycle.recipes.base import ConvertConfig, SourceModel
 from upcycle.yaml_config import read_yaml
@@ -40,6 +43,12 @@ MUST_MATCH = (
     "block",
     "rope",
     "sliding_window",
+)
+# The model config names the MoE keys by their place in the model (`moe.top_k`); a convert YAML
+# spells them as top-level keys (`top_k`, `moe_layers`): messages name the key the user writes.
+_MOE_KEY = re.compile(
+    r"\bmoe\.(top_k|num_experts|routing|renormalize|granularity|capacity_factor|aux_loss_coef|"
+    r"z_loss_coef|aux_loss|layers)\b"
 )
 DTYPES = {
     "float64": torch.float64,
@@ -71,6 +80,37 @@ def recipe_params(recipe_cls: type, config: ConvertConfig, where: str) -> Any:
         return recipe_cls.Params.model_validate(given)
     except ValidationError as error:
         raise UpcycleError(describe_validation_error(error, where)) from error
+
+
+def as_convert_keys(message: str) -> str:
+    """`moe.top_k` -> `top_k`, `moe.layers` -> `moe_layers`: the convert YAML's spelling."""
+    return _MOE_KEY.sub(lambda match: "moe_layers" if match[1] == "layers" else match[1], message)
+
+
+def make_recipe(recipe_cls: type, params: Any, sources: list, where: str) -> Any:
+    """The recipe over `sources`, its target model config and its own constraints checked."""
+    try:
+        recipe = recipe_cls(params, sources)
+    except ValueError as error:  # the target ModelConfig refused a combination (pydantic)
+        raise UpcycleError(as_convert_keys(describe_validation_error(error, where))) from error
+    recipe.validate()
+    return recipe
+
+
+def check_convert_config(config: dict, source_configs: list[ModelConfig], where: str) -> None:
+    """The checks of `convert` that need only the sources' model configs (no tensor is read,
+    nothing is written): the keys, the recipe's parameters, the number of sources, the target
+    model config and the recipe's constraints. `upcycle run` checks every mix this way before
+    its first stage."""
+    sources = [f"source {i}" for i in range(len(source_configs))]
+    convert_config = validated(ConvertConfig, {**config, "sources": sources}, where)
+    recipe_cls = get_recipe(convert_config.recipe)
+    params = recipe_params(recipe_cls, convert_config, where)
+    check_source_count(recipe_cls, len(source_configs))
+    stand_ins = [
+        SimpleNamespace(folder=Path(name), config=c) for name, c in zip(sources, source_configs, strict=True)
+    ]
+    make_recipe(recipe_cls, params, stand_ins, where)
 
 
 def check_source_count(recipe_cls: type, count: int) -> None:
@@ -118,11 +158,7 @@ def convert(
     check_source_count(recipe_cls, len(convert_config.sources))
     sources = [SourceModel.open(path) for path in convert_config.sources]
     check_compatible(sources)
-    try:
-        recipe = recipe_cls(params, sources)
-    except ValueError as error:  # the target ModelConfig refused a combination (pydantic)
-        raise UpcycleError(describe_validation_error(error, where)) from error
-    recipe.validate()
+    recipe = make_recipe(recipe_cls, params, sources, where)
     export = get_export(convert_config.output.format)
     dtype = (
         sources[0].dtype() if convert_config.output.dtype == "auto" else DTYPES[convert_config.output.dtype]

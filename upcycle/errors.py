@@ -26,9 +26,20 @@ def describe_validation_error(error: Exception, where: str) -> str:
         message = "unknown key; remove it or check its spelling against the documented keys"
     elif first.get("type") == "missing":
         message = "required key is missing; add it"
+    elif first.get("type") != "value_error" and ";" not in message:
+        # pydantic's own wording says what is wrong; add the value and what to do
+        message = f"{message}, got {_short(first.get('input'))}; change the value"
+    section = location.rsplit(".", 1)[-1]
+    if section and message.startswith(f"{section}: "):  # a section's check that names itself
+        message = message[len(section) + 2 :]
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     field = f" {location}:" if location else ""
     return f"{where}:{field} {message}{more}"
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validated(model_cls, data, where: str):

@@ -5,6 +5,8 @@ Staging folders are named `.<target>.staging-<pid>-<random>`; a staging folder w
 is gone is removed the next time the same target is written (and nothing else beside it is
 touched).
 
+`atomic_write_bytes` does the same for single files (`.<name>.tmp-<pid>-<random>`).
+
 A failed write (a full disk, a filesystem that cannot rename folders) removes the staging folder,
 keeps a previous output under its name and re-raises the OSError; `write_refusal` turns the
 failures a user can fix into one `UpcycleError` sentence.
@@ -26,7 +28,7 @@ _STAGING_MARK = ".staging-"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +47,7 @@ def remove_stale_staging(target: Path) -> None:
         if not entry.name.startswith(prefix):
             continue
         pid_text = entry.name[len(prefix) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+        if not pid_text.isdigit() or pid_alive(int(pid_text)):
             continue
         if "-old-" in entry.name and not target.exists():
             # Killed between the two renames of an overwrite: the aside copy is the last
@@ -147,8 +149,10 @@ def _replace_dir(staging: Path, target: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file through a temporary name and rename it into place (fsynced)."""
+    """Write a file through a temporary name and rename it into place (fsynced). Temporary
+    files of the same name left by killed processes are removed first."""
     path = Path(path)
+    _remove_stale_temporaries(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         with open(tmp, "wb") as handle:
@@ -159,3 +163,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    prefix = f".{path.name}.tmp-"
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        if entry.name.startswith(prefix):
+            pid_text = entry.name[len(prefix) :].split("-", 1)[0]
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
+                entry.unlink(missing_ok=True)

@@ -22,7 +22,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from upcycle.model.config import StrictModel
 
 SourceFormat = Literal["auto", "text", "jsonl", "parquet"]
 
@@ -30,10 +32,9 @@ SourceFormat = Literal["auto", "text", "jsonl", "parquet"]
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class _StrictModel(BaseModel):
-    """Unknown keys are refused and assignments are validated, as in `upcycle.model.config`."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _StrictModel(StrictModel):
+    """Unknown keys are refused, assignments are validated and number fields refuse booleans,
+    as in `upcycle.model.config`."""
 
 
 class DomainConfig(_StrictModel):

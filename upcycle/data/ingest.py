@@ -164,7 +164,14 @@ def _parse_json_line(line: bytes, where: str) -> dict:
 
 def _read_parquet(source: SourceFile, text_field: str, domain_name: str) -> Iterator[tuple[str, int]]:
     pyarrow, parquet = _import_pyarrow()
-    table_file = parquet.ParquetFile(source.path)
+    unreadable = UpcycleError(
+        f"{source.path} is not a readable Parquet file; check the file, or set `format` of domain "
+        f"{domain_name!r} if it is not Parquet"
+    )
+    try:
+        table_file = parquet.ParquetFile(source.path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise unreadable from error
     schema = table_file.schema_arrow
     if text_field not in schema.names:
         raise UpcycleError(
@@ -179,7 +186,14 @@ def _read_parquet(source: SourceFile, text_field: str, domain_name: str) -> Iter
             f"set `text_field` of domain {domain_name!r}"
         )
     bytes_per_row = source.size_bytes / max(table_file.metadata.num_rows, 1)
-    for batch in table_file.iter_batches(batch_size=_PARQUET_ROWS_PER_BATCH, columns=[text_field]):
+    batches = table_file.iter_batches(batch_size=_PARQUET_ROWS_PER_BATCH, columns=[text_field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pyarrow.ArrowException, OSError) as error:  # a damaged row group
+            raise unreadable from error
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             yield text or "", int(bytes_per_row)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from upcycle import __version__
-from upcycle.checkpoint.atomic import atomic_output_dir
+from upcycle.checkpoint.atomic import atomic_output_dir, remove_stale_staging
 from upcycle.data.config import DataConfig, DomainConfig
 from upcycle.data.encode import batched_documents, encode_packed, rust_threads
 from upcycle.data.ingest import SourceFile, read_documents, resolve_sources
@@ -71,6 +71,9 @@ def prepare_data(
     tokenizer = load_tokenizer(config.tokenizer, config.eos_token, need_bos=config.add_bos)
     sources = {name: resolve_sources(name, domain) for name, domain in config.domains.items()}
     fingerprint = fingerprint_of(_fingerprint_parts(config, sources, tokenizer, max_tokens_per_shard))
+    # What a killed run left beside out_dir goes first: its staging folder, or the previous
+    # output it had moved aside (back under its name if the new one never arrived).
+    remove_stale_staging(out_dir.absolute())
     if _holds_prepared_data(out_dir) and not force:
         try:
             existing = load_manifest(out_dir)

@@ -12,18 +12,43 @@ message names the field and the fix; `upcycle.errors` turns it into one sentence
 
 from __future__ import annotations
 
+import functools
+import types
+import typing
 import warnings
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2"]
 
 
+def _union_members(annotation: object) -> set[object]:
+    """The types an annotation accepts at its top level (`int | None` -> {int, NoneType})."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_union_members(arg) for arg in typing.get_args(annotation)))
+    return {annotation}
+
+
+@functools.cache
+def _takes_numbers_not_bools(model_cls: type[BaseModel], field_name: str) -> bool:
+    field = model_cls.model_fields.get(field_name)
+    members = _union_members(field.annotation) if field is not None else set()
+    return bool(members & {int, float}) and bool not in members
+
+
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are refused, values are validated on assignment."""
+    """Base for every config: unknown keys are refused, values are validated on assignment,
+    and a number field refuses `true`/`false` (pydantic's lax mode would read them as 1 and 0)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, bool) and _takes_numbers_not_bools(cls, info.field_name):
+            raise ValueError(f"got {str(value).lower()} where a number is expected; write a number such as 1")
+        return value
 
 
 class RopeConfig(StrictModel):

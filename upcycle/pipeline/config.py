@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from upcycle.corpus.build import DOMAINS as CORPUS_DOMAINS
 from upcycle.model.config import ModelConfig, StrictModel
 
 SEED_STARTED = ("dense", "sparse", "nvidia", "drop")  # trained from the seed, on the mixture
@@ -47,6 +48,17 @@ class CorpusSection(StrictModel):
     vocab_size: int = Field(8192, ge=300)
     seed: int = 0
     download: bool = True
+
+    @field_validator("domains")
+    @classmethod
+    def _built_in_domains(cls, domains: list[str]) -> list[str]:
+        unknown = [d for d in domains if d not in CORPUS_DOMAINS]
+        if unknown or len(set(domains)) != len(domains):
+            raise ValueError(
+                f"{unknown or domains} must be distinct names of built-in domains "
+                f"({', '.join(CORPUS_DOMAINS)}); fix the list"
+            )
+        return domains
 
 
 class DomainFiles(StrictModel):
@@ -106,6 +118,15 @@ class MixSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class BTMParams(StrictModel):
+    """The parameters of a `btm` entry of `mixes` (`upcycle.eval.build_btm`)."""
+
+    top_k: int = Field(2, gt=0)
+    temperature: float = Field(0.1, gt=0, allow_inf_nan=False)
+    chunk_len: int = Field(256, gt=0)
+    chunks_per_domain: int = Field(1024, gt=0)
+
+
 class FinetuneSection(StrictModel):
     """The MoE finetune on the equal mixture. `steps`: the finetune length of the reference
     branched model (the first of btx/bam in `mixes`). `budget: compute_matched` gives every
@@ -139,6 +160,13 @@ class PipelineConfig(StrictModel):
     def _check(self) -> PipelineConfig:
         if (self.corpus is None) == (self.data is None):
             raise ValueError("give either `corpus` (the built-in corpus) or `data` (your files), not both")
+        domains = self.domain_names()
+        unknown = [d for d in self.branches.domains or [] if d not in domains]
+        if unknown:
+            raise ValueError(
+                f"branches.domains names {unknown}, which the data does not have ({', '.join(domains)}); "
+                "fix the list"
+            )
         names = [m.name for m in self.mixes]
         if len(set(names)) != len(names):
             raise ValueError("mixes: every entry needs its own `name`")

@@ -30,9 +30,17 @@ import yaml
 
 from upcycle.checkpoint.atomic import atomic_write_bytes
 from upcycle.checkpoint.loading import load_config
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, validated
+from upcycle.model.config import ModelConfig
 from upcycle.model.flops import training_flops_per_token
-from upcycle.pipeline.config import BRANCH_STARTED, SEED_STARTED, MixSpec, PipelineConfig, TrainSettings
+from upcycle.pipeline.config import (
+    BRANCH_STARTED,
+    SEED_STARTED,
+    BTMParams,
+    MixSpec,
+    PipelineConfig,
+    TrainSettings,
+)
 
 DONE = "DONE.json"
 
@@ -143,6 +151,36 @@ def run_training(config: dict[str, Any], folder: Path, quiet: bool) -> dict[str,
     return record
 
 
+def check_mix(spec: MixSpec, seed: ModelConfig, branches: int) -> None:
+    """Refuse an entry of `mixes` whose recipe or parameters are wrong, before anything is trained."""
+    from upcycle.conversion import check_convert_config
+    from upcycle.recipes import RECIPES
+
+    where, params = f"mixes.{spec.name}", spec.parameters()
+    if spec.recipe == "dense":
+        if params:
+            raise UpcycleError(
+                f"{where}: recipe dense (continued training of the seed) takes no parameters; remove "
+                f"{', '.join(sorted(params))}"
+            )
+        return
+    if spec.recipe == "btm":
+        validated(BTMParams, params, where)
+        return
+    if spec.recipe not in RECIPES:
+        raise UpcycleError(
+            f"{where}: unknown recipe {spec.recipe!r}; use one of {', '.join([*sorted(RECIPES), 'dense', 'btm'])}"
+        )
+    sources = [seed] * (1 if spec.recipe in SEED_STARTED else branches)
+    try:
+        check_convert_config({"recipe": spec.recipe, **params}, sources, where)
+    except UpcycleError as error:
+        message = str(error)
+        if message.startswith(where):
+            raise
+        raise UpcycleError(f"{where}: {message}") from error
+
+
 @dataclass
 class Pipeline:
     config: PipelineConfig
@@ -152,10 +190,78 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.paths = Paths(Path(self.config.output))
 
+    # -- before any stage --------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Every refusal that needs no trained model, before the first stage writes anything:
+        the user's data files and tokenizer, the seed, each training stage's train config (the
+        `extra` keys included) and each mix's recipe and parameters, checked against the seed's
+        shapes as `upcycle convert` would check them."""
+        c = self.config
+        id_bound = self._check_data()
+        seed = c.seed.config if c.seed.config is not None else load_config(c.seed.path)
+        if id_bound is not None and seed.vocab_size < id_bound:
+            where = "seed.config" if c.seed.config is not None else f"the seed {c.seed.path}"
+            raise UpcycleError(
+                f"{where} has vocab_size {seed.vocab_size} but the tokenizer makes ids up to {id_bound - 1}; "
+                f"set vocab_size to at least {id_bound} or use a seed with this tokenizer"
+            )
+        self._check_training(seed)
+        for spec in c.mixes:
+            check_mix(spec, seed, len(c.branch_domains()))
+
+    def _check_data(self) -> int | None:
+        """Refuse missing data files or tokenizer; the bound on token ids the data will hold."""
+        c = self.config
+        if c.corpus is not None:
+            return c.corpus.vocab_size
+        if is_done(self.paths.data):
+            return None
+        from upcycle.data.ingest import resolve_sources
+        from upcycle.data.tokenizer import load_tokenizer
+
+        config = self._data_config(c.data.tokenizer, {d: f.model_dump() for d, f in c.data.domains.items()})
+        tokenizer = load_tokenizer(config.tokenizer, config.eos_token, need_bos=config.add_bos)
+        for name, domain in config.domains.items():
+            resolve_sources(name, domain)
+        return tokenizer.id_upper_bound
+
+    def _check_training(self, seed: ModelConfig) -> None:
+        from upcycle.train.config import TrainConfig
+        from upcycle.train.preflight import batch_layout
+
+        c = self.config
+        stages = [
+            ("branches", c.branches.train, c.branches.steps),
+            ("finetune", c.finetune.train, c.finetune.steps),
+        ]
+        if c.seed.config is not None:
+            stages.insert(0, ("seed", c.seed.train, c.seed.steps))
+        for stage, settings, steps in stages:
+            model = {"config": seed.model_dump(mode="json")} if stage == "seed" else {"path": "seed"}
+            config = self._train(settings, model, self.paths.root / stage, {"max_steps": steps}, None)
+            train_config = validated(TrainConfig, config, f"{stage}.train")
+            try:
+                batch_layout(train_config.batch, 1)
+            except UpcycleError as error:
+                raise UpcycleError(f"{stage}.train: {error}") from error
+
     # -- data --------------------------------------------------------------------------------
+    def _data_config(self, tokenizer: Path | str, domains: dict[str, Any]):
+        from upcycle.data import DataConfig
+
+        c = self.config
+        return DataConfig.model_validate(
+            {
+                "domains": domains,
+                "tokenizer": str(tokenizer),
+                "heldout": {"fraction": c.heldout_fraction},
+                "seed": c.random_seed,
+            }
+        )
+
     def prepare(self) -> tuple[Path, Path]:
         """Corpus (built-in) or the user's files -> tokenizer and prepared data."""
-        from upcycle.data import DataConfig, prepare_data
+        from upcycle.data import prepare_data
 
         c, p = self.config, self.paths
         if c.corpus is not None:
@@ -175,15 +281,7 @@ class Pipeline:
             tokenizer = c.data.tokenizer
             domains = {d: files.model_dump() for d, files in c.data.domains.items()}
         if not is_done(p.data):
-            data_config = DataConfig.model_validate(
-                {
-                    "domains": domains,
-                    "tokenizer": str(tokenizer),
-                    "heldout": {"fraction": c.heldout_fraction},
-                    "seed": c.random_seed,
-                }
-            )
-            prepare_data(data_config, p.data, quiet=self.quiet)
+            prepare_data(self._data_config(tokenizer, domains), p.data, quiet=self.quiet)
             mark_done(p.data, {"tokenizer": str(tokenizer)})
         return Path(tokenizer), p.data
 
@@ -387,6 +485,7 @@ class Pipeline:
 
     def run(self) -> Path | None:
         """Run every stage not yet done; the report's path, or None when branches were printed."""
+        self.preflight()
         tokenizer, data = self.prepare()
         seed = self.seed_model(tokenizer, data)
         branches = self.train_branches(seed, tokenizer)

@@ -106,6 +106,7 @@ class MetricsWriter:
 
     def __init__(self, path: Path, tensorboard_dir: Path | None, enabled: bool) -> None:
         self.path, self.enabled = Path(path), enabled
+        self.evaluated_steps: set[int] = set()  # steps of the eval records kept by `start`
         self._file = None
         self._tensorboard = None
         if enabled and tensorboard_dir is not None:
@@ -122,6 +123,7 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        self.evaluated_steps = {r["step"] for r in kept if r.get("kind") == "eval"}
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
