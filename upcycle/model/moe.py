@@ -90,7 +90,14 @@ def eager_experts(
 
 
 class Experts(nn.Module):
-    """E routed experts stacked in 3-D tensors (layout in the module docstring)."""
+    """E routed experts stacked in 3-D tensors (layout in the module docstring).
+
+    `dispatch`: None runs the experts here; expert parallelism (`upcycle.train.expert_parallel`)
+    sets it on a sharded model to a callable `(experts, x_TD, weights_TK, indices_TK,
+    implementation) -> out_TD` that sends each assignment to the rank holding its expert.
+    """
+
+    dispatch: Callable[..., torch.Tensor] | None = None
 
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str, gated: bool
@@ -119,6 +126,8 @@ class Experts(nn.Module):
     def forward(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, implementation: str
     ) -> torch.Tensor:
+        if self.dispatch is not None:
+            return self.dispatch(self, x_TD, weights_TK, indices_TK, implementation)
         run = grouped_moe if implementation == "grouped" else eager_experts
         # Under autocast the experts compute in the autocast dtype: _grouped_mm is not on
         # autocast's cast lists, so the (fp32 master) weights are cast here, as F.linear would be.

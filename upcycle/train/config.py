@@ -21,17 +21,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from upcycle.model.config import ModelConfig
+from upcycle.model.config import ModelConfig, StrictModel
 
 FreezeMode = Literal["none", "experts", "attention", "all_but_routers"]
 
 
-class _StrictModel(BaseModel):
-    """Unknown keys are refused and assignments are validated, as in every upcycle config."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _StrictModel(StrictModel):
+    """Unknown keys are refused, assignments are validated and number fields refuse booleans,
+    as in every upcycle config."""
 
 
 class ModelSource(_StrictModel):
@@ -186,6 +185,20 @@ class NonFiniteConfig(_StrictModel):
     max_consecutive_skips: int = Field(5, gt=0)
 
 
+class ParallelConfig(_StrictModel):
+    """How the ranks of a torchrun job share the model (one process: nothing to set).
+
+    Data parallelism (FSDP2) over every rank is always on. `expert_parallel` (ep): shard the
+    routed experts of every MoE layer over groups of ep ranks, each rank holding E/ep experts and
+    receiving the tokens routed to them by all-to-all (`upcycle.train.expert_parallel`); the
+    experts are FSDP2-sharded over the remaining world/ep ranks, everything else over the whole
+    world. 1 (default) keeps the experts FSDP2-sharded like every other weight. ep must divide
+    the world size and the number of experts; checked before the model is built.
+    """
+
+    expert_parallel: int = Field(1, gt=0)
+
+
 class TrainConfig(_StrictModel):
     """One training run; see README.md, "Train config", for every key."""
 
@@ -207,6 +220,7 @@ class TrainConfig(_StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     @property
     def metrics_path(self) -> Path:

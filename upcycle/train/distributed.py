@@ -12,6 +12,10 @@ change, so state dicts keep the native names. Each rank builds the whole model b
 it, which bounds model size by one rank's memory at start-up; meta-device initialisation is a
 later step.
 
+Expert parallelism (`parallel.expert_parallel` > 1) changes only the routed experts of MoE
+layers: they are sharded over EP groups and FSDP2-sharded over the remaining ranks, on a 2-D
+(dp, ep) mesh; see `upcycle.train.expert_parallel`.
+
 `fully_shard` lives in `torch.distributed.fsdp` since torch 2.6 and in
 `torch.distributed._composable.fsdp` before; both are tried.
 """
@@ -114,10 +118,20 @@ class Distributed:
         return received[0]
 
 
-def shard_model(model: nn.Module, distributed: Distributed) -> nn.Module:
-    """FSDP2 over `distributed`'s ranks: one unit per block, then the root; a no-op for one rank."""
+def shard_model(model: nn.Module, distributed: Distributed, expert_parallel: int = 1) -> nn.Module:
+    """FSDP2 over `distributed`'s ranks: one unit per block, then the root; a no-op for one rank.
+
+    `expert_parallel` > 1: the routed experts are sharded over groups of that many ranks first
+    (`upcycle.train.expert_parallel.shard_model_expert_parallel`).
+    """
     if not distributed.active:
         return model
+    if expert_parallel > 1:
+        from upcycle.train.expert_parallel import shard_model_expert_parallel
+
+        return shard_model_expert_parallel(
+            model, distributed.device.type, distributed.world_size, expert_parallel
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     fully_shard = _fully_shard()

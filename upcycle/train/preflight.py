@@ -4,7 +4,9 @@
 folder that is missing or unsupported; data tokenised with another tokenizer than the model's;
 token ids beyond the model's vocabulary; a batch that does not split over ranks and
 micro-batches; a FLOP or token budget smaller than one step; evaluation asked for on data with
-no held-out split; and an output folder that already holds a run (unless resuming).
+no held-out split; a `parallel.expert_parallel` that does not divide the world size or the
+number of experts (or a model without MoE layers); and an output folder that already holds a run
+(unless resuming).
 """
 
 from __future__ import annotations
@@ -102,6 +104,28 @@ def _total_steps(config: TrainConfig, tokens_per_step: int, flops_per_step: floa
     return max(1, math.ceil(budget / per_step))
 
 
+def check_expert_parallel(ep: int, model_config: ModelConfig, world_size: int) -> None:
+    """ep must divide the world size and the number of routed experts of an MoE model."""
+    if ep == 1:
+        return
+    if model_config.moe is None:
+        raise UpcycleError(
+            f"parallel.expert_parallel is {ep} but the model has no MoE layer to shard; "
+            "set parallel.expert_parallel: 1"
+        )
+    experts = model_config.moe.num_experts
+    if world_size % ep:
+        raise UpcycleError(
+            f"parallel.expert_parallel {ep} does not divide the {world_size} rank(s) of this run; "
+            f"use a divisor of {world_size} (1 on one process), or launch a multiple of {ep} ranks"
+        )
+    if experts % ep:
+        raise UpcycleError(
+            f"parallel.expert_parallel {ep} does not divide the model's {experts} experts; "
+            f"use a divisor of {experts} that also divides the {world_size} rank(s)"
+        )
+
+
 def check_output(output: Path, resume: bool) -> None:
     """A fresh run refuses an output folder that already holds checkpoints or a final model."""
     if resume:
@@ -122,6 +146,7 @@ def plan_run(config: TrainConfig, world_size: int, resume: bool) -> RunPlan:
     manifest = load_manifest(config.data.path)
     model_config, tokenizer = _model_config_and_tokenizer(config, manifest)
     micro, accumulation = batch_layout(config.batch, world_size)
+    check_expert_parallel(config.parallel.expert_parallel, model_config, world_size)
     seq_len = config.data.seq_len
     tokens_per_step = config.batch.global_batch_size * seq_len
     flops_per_token = training_flops_per_token(model_config, seq_len)

@@ -30,6 +30,7 @@ from upcycle.errors import UpcycleError
 from upcycle.model.moe import MoE
 from upcycle.model.router import Router
 from upcycle.train.distributed import Distributed, set_gradient_sync
+from upcycle.train.expert_parallel import clip_grads, grad_norm
 from upcycle.train.losses import training_loss
 from upcycle.train.optim import set_learning_rate
 from upcycle.train.schedule import WarmupCosine
@@ -100,7 +101,7 @@ class TrainStep:
         result = self._result(step, lr, values, aux_kinds, passes)
         if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
             if self.clip_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(self.trainable, self.clip_grad_norm, norm)
+                clip_grads(self.trainable, self.clip_grad_norm, norm)
             self.optimizer.step()
         elif self.nonfinite_policy == "stop":
             self.optimizer.zero_grad(set_to_none=True)
@@ -136,12 +137,9 @@ class TrainStep:
         return sums, aux_kinds
 
     def _grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.distributed.device)
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        # Under FSDP2 the gradients are DTensor shards and so is their norm; make it global.
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # Under FSDP2 the gradients are DTensor shards and so is their norm; `grad_norm` makes it
+        # global, one mesh at a time (expert parallelism puts the experts on a mesh of their own).
+        return grad_norm(self.trainable, self.distributed.device)
 
     def _reduce(self, sums: list[torch.Tensor], norm: torch.Tensor) -> list[float]:
         """Sum over ranks, then fetch everything with one host synchronisation."""

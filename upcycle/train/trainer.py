@@ -17,6 +17,7 @@ and the checkpoint `step-00000010` holds the state after it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -105,6 +106,13 @@ class Trainer:
                 return self._run(distributed)
         except torch.cuda.OutOfMemoryError as error:
             raise UpcycleError(self._out_of_memory_advice()) from error
+        except OSError as error:  # metrics or the final model on a full disk (checkpoints say it themselves)
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UpcycleError(
+                f"disk full while writing under {self.config.output} ({error.strerror}); free some space "
+                "and rerun with --resume"
+            ) from error
         finally:
             distributed.close()
 
@@ -143,6 +151,9 @@ class Trainer:
         self.checkpointer = Checkpointer(
             output / "checkpoints", config.checkpoint.keep_last_k, distributed, plan.model_config
         )
+        self.checkpointer.check_space_for_run(
+            config.checkpoint.every_steps > 0, getattr(torch, config.checkpoint.final_dtype)
+        )
         seed_rng(config.seed, distributed.rank)
         self._maybe_resume(optimizer, batches)
         if distributed.is_main:  # only now: a refused run leaves no output folder
@@ -173,14 +184,16 @@ class Trainer:
         model.to(distributed.device)
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
-        shard_model(model, distributed)
+        shard_model(model, distributed, config.parallel.expert_parallel)
         if config.compile:
             compile_blocks(model)
+        ep = config.parallel.expert_parallel
         self._say(
             f"training {total:,} parameters ({trainable:,} trainable, "
             f"{active_parameters(self.plan.model_config):,} active per token) for "
             f"{self.plan.total_steps} steps of {self.plan.tokens_per_step:,} tokens on "
             f"{distributed.world_size} × {distributed.device.type}"
+            + (f", experts sharded over groups of {ep} ranks" if ep > 1 else "")
         )
         return model
 
@@ -214,7 +227,9 @@ class Trainer:
         config, plan = self.config, self.plan
         last: StepResult | None = None
         evaluation: dict = {}
-        evaluated_at = -1
+        # A run killed after its last step's evaluation was logged does not evaluate it again.
+        logged = self.distributed.broadcast_object(self.counters.step in metrics.evaluated_steps)
+        evaluated_at = self.counters.step if logged else -1
         show = self.distributed.is_main and config.log.progress and not self.quiet
         self._training = True
         with TrainProgress(plan.total_steps, self.counters.step, enabled=show) as progress:
