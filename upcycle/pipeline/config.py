@@ -94,14 +94,24 @@ class SeedSection(StrictModel):
 
 class BranchSection(StrictModel):
     """One copy of the seed trained per domain. `launch`: `sequential` (one after another in
-    this process), `parallel` (`max_parallel` processes at once, CPU threads split between
-    them), or `print` (write each branch's train YAML, print one command per branch for a
-    cluster scheduler, and stop; rerun the pipeline once they are done)."""
+    this process), `parallel` (separate processes at once), or `print` (write each branch's
+    train YAML, print one command per branch for a cluster scheduler, and stop; rerun the
+    pipeline once they are done).
+
+    `parallel` on a machine with GPUs gives each branch its own group of `gpus_per_branch` GPUs
+    (`CUDA_VISIBLE_DEVICES`; a group of several runs the branch under torchrun with FSDP2), as
+    many branches at once as there are groups (at most `max_parallel` when set); `gpus` limits
+    which GPU indices are used. Without GPUs it runs `max_parallel` (default 2) processes and
+    splits the CPU threads between them."""
 
     steps: int = Field(gt=0)
     train: TrainSettings = Field(default_factory=TrainSettings)
     launch: Literal["sequential", "parallel", "print"] = "sequential"
-    max_parallel: int = Field(2, gt=0)
+    max_parallel: int | None = Field(None, gt=0)
+    gpus_per_branch: int = Field(1, gt=0)
+    gpus: list[int] | None = Field(
+        None, min_length=1, description="GPU indices to use (default: all visible)"
+    )
     domains: list[str] | None = None
 
 

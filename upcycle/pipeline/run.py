@@ -100,6 +100,77 @@ class Paths:
         return self.root / "report"
 
 
+def visible_gpus(wanted: list[int] | None = None) -> list[int]:
+    """Indices of the CUDA GPUs this process sees (`wanted` restricts them); [] without CUDA."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if wanted is None:
+        return list(range(count))
+    missing = [g for g in wanted if not 0 <= g < count]
+    if missing:
+        raise UpcycleError(
+            f"branches.gpus names GPU {missing[0]}, but this machine shows {count} GPU(s); "
+            "list indices it has, or remove branches.gpus"
+        )
+    return list(wanted)
+
+
+@dataclass(frozen=True)
+class BranchLaunchPlan:
+    """GPU groups (one branch each at a time; an empty tuple is a CPU slot) and CPU threads per
+    branch process."""
+
+    groups: tuple[tuple[int, ...], ...]
+    threads: int
+
+    def describe(self, group: tuple[int, ...]) -> str:
+        return f"GPU {','.join(map(str, group))}: " if group else ""
+
+
+def plan_branch_launches(
+    branches: int, gpus: list[int], gpus_per_branch: int, max_parallel: int | None
+) -> BranchLaunchPlan:
+    """How `launch: parallel` places branches: consecutive groups of `gpus_per_branch` GPUs, as
+    many at once as there are groups (capped by `max_parallel`); without GPUs, `max_parallel`
+    (default 2) CPU processes, the machine's threads split between them."""
+    if gpus:
+        if gpus_per_branch > len(gpus):
+            raise UpcycleError(
+                f"branches.gpus_per_branch is {gpus_per_branch} but only {len(gpus)} GPU(s) are available; "
+                f"set it to at most {len(gpus)}"
+            )
+        groups = [
+            tuple(gpus[i : i + gpus_per_branch])
+            for i in range(0, len(gpus) - gpus_per_branch + 1, gpus_per_branch)
+        ]
+        slots = max(1, min(len(groups), branches, max_parallel or len(groups)))
+        threads = max(1, (os.cpu_count() or 1) // slots)
+        return BranchLaunchPlan(tuple(groups[:slots]), threads)
+    slots = max(1, min(max_parallel or 2, branches))
+    return BranchLaunchPlan(tuple(() for _ in range(slots)), max(1, (os.cpu_count() or 1) // slots))
+
+
+def branch_command(path: Path, group: tuple[int, ...], threads: int) -> tuple[list[str], dict[str, str]]:
+    """The command and extra environment of one branch process: `upcycle train` on its GPU, or
+    under torchrun (standalone rendezvous on a free port, FSDP2) on a group of several."""
+    env = {"OMP_NUM_THREADS": str(threads)}
+    train = ["-m", "upcycle", "train", str(path), "--resume"]
+    if not group:
+        return [sys.executable, *train], env
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, group))
+    if len(group) == 1:
+        return [sys.executable, *train], env
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={len(group)}",
+    ]
+    return [*torchrun, *train], env
+
+
 def train_config(
     settings: TrainSettings,
     *,
@@ -362,25 +433,33 @@ class Pipeline:
         print("# then run the pipeline again: it continues from the mixes.")
 
     def _train_branches_in_parallel(self, configs: dict[str, dict[str, Any]]) -> None:
-        """Run branches as separate processes, `max_parallel` at a time, splitting CPU threads."""
+        """Run branches as separate processes (see `BranchSection`: one GPU group each on a GPU
+        machine, else `max_parallel` CPU processes splitting the threads)."""
+        b = self.config.branches
+        plan = plan_branch_launches(len(configs), visible_gpus(b.gpus), b.gpus_per_branch, b.max_parallel)
         pending = list(configs.items())
-        slots = max(1, min(self.config.branches.max_parallel, len(pending)))
-        threads = max(1, (os.cpu_count() or 1) // slots)
-        running: list[tuple[str, subprocess.Popen]] = []
+        free = list(plan.groups)
+        running: list[tuple[str, subprocess.Popen, tuple[int, ...]]] = []
         while pending or running:
-            while pending and len(running) < slots:
+            while pending and free:
                 domain, config = pending.pop(0)
+                group = free.pop(0)
                 path = self._write_branch_yaml(domain, config)
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-                command = [sys.executable, "-m", "upcycle", "train", str(path), "--resume"]
-                log(f"launching branch {domain}: {' '.join(command)}", self.quiet)
-                running.append((domain, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)))
+                command, env = branch_command(path, group, plan.threads)
+                log(f"launching branch {domain}: {plan.describe(group)}{' '.join(command)}", self.quiet)
+                proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+                running.append((domain, proc, group))
             time.sleep(0.2)
-            for domain, proc in list(running):
+            for domain, proc, group in list(running):
                 if proc.poll() is None:
                     continue
-                running.remove((domain, proc))
+                running.remove((domain, proc, group))
+                free.append(group)
                 if proc.returncode != 0:
+                    for _, other, _ in running:  # stop the others; a rerun resumes every branch
+                        other.terminate()
+                    for _, other, _ in running:
+                        other.wait()
                     raise UpcycleError(
                         f"branch {domain} failed (exit code {proc.returncode}); see "
                         f"{self.paths.branch(domain)} and rerun the pipeline to resume"
