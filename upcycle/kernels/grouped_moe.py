@@ -64,19 +64,31 @@ def grouped_mm_available(
     """True where `torch._grouped_mm` runs natively (no host sync) with autograd for `dtype`.
 
     `widths`: the row widths the GEMMs will see (D, F); each must span a multiple of 16 bytes.
+    Under torch.compile the answer is a constant of the trace (no graph break), and only bf16
+    qualifies: the fake-tensor rule of `_grouped_mm` accepts bf16 alone, although the CPU
+    kernel runs fp32 eagerly.
     """
+    device = torch.device(device)
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False
+    return _grouped_mm_available(device.type, device.index, dtype, tuple(widths))
+
+
+@torch.compiler.assume_constant_result
+def _grouped_mm_available(
+    device_type: str, index: int | None, dtype: torch.dtype, widths: tuple[int, ...]
+) -> bool:
     if not hasattr(torch, "_grouped_mm") or dtype not in _GROUPED_MM_DTYPES:
         return False
     if any(width * dtype.itemsize % 16 != 0 for width in widths):
         return False
-    device = torch.device(device)
-    if device.type == "cpu":
+    if device_type == "cpu":
         return _cpu_grouped_mm_works(dtype)
-    if device.type != "cuda" or torch.version.hip is not None or dtype != torch.bfloat16:
+    if device_type != "cuda" or torch.version.hip is not None or dtype != torch.bfloat16:
         return False
     if TorchVersion(torch.__version__) < "2.8":
         return False
-    major, _ = torch.cuda.get_device_capability(device)
+    major, _ = torch.cuda.get_device_capability(torch.device(device_type, index))
     return major in (9, 10)
 
 
