@@ -1,5 +1,5 @@
-"""Shared pieces of the SIGKILL sweeps of `upcycle data prepare`, `upcycle train` and `upcycle run`
-(tests/test_*_kill_sweep.py; this module holds no tests).
+"""Shared pieces of the SIGKILL sweeps of `upcycle convert`, `upcycle data prepare`, `upcycle train`
+and `upcycle run` (tests/test_*kill_sweep.py; this module holds no tests).
 
 `ForkServer` runs CLI invocations as forked children of one Python process that has already
 imported upcycle and torch (on one thread, so that every run computes the same bits), so a run
@@ -26,11 +26,16 @@ import hashlib
 import json
 import os
 import queue
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 FORK_SERVER = r"""
 import builtins, importlib, json, os, pathlib, shutil, sys, traceback
@@ -273,3 +278,54 @@ def hidden_leftovers(folder: Path) -> list[str]:
     return sorted(
         str(p.relative_to(folder)) for p in Path(folder).rglob(".*") if any(m in p.name for m in marks)
     )
+
+
+def seed_run(sweep: dict, seed: int, modes: tuple[str, ...], config: Callable[[Path], dict]):
+    """A seed of a sweep whose command is run again in place after the kill: its random numbers,
+    its kill mode, its output folder `seed<N>` under the sweep's root and its config file there,
+    written with `config(output folder)`: (rng, mode, out, config path)."""
+    out, path = sweep["root"] / f"seed{seed}", sweep["root"] / f"seed{seed}.yaml"
+    path.write_text(yaml.safe_dump(config(out)))
+    return random.Random(seed), modes[seed % len(modes)], out, path
+
+
+class OutputSeed:
+    """One seed of a sweep over a command that writes one output folder, `seed<N>/out` under the
+    sweep's root, beside a file named like a staging folder (`.out.staging-notes`, which must
+    survive): its random numbers `rng`, its kill `mode`, and whether it replaces the previous
+    output (`overwrite`, odd seeds: a copy of `sweep["previous_dir"]` is put in place first). The
+    sweep holds the tree_digest of the new output (`reference`) and of the previous (`previous`)."""
+
+    def __init__(self, sweep: dict, seed: int, modes: tuple[str, ...]) -> None:
+        self.sweep, self.rng, self.mode = sweep, random.Random(seed), modes[seed % len(modes)]
+        self.overwrite = seed % 2 == 1
+        parent = sweep["root"] / f"seed{seed}"
+        parent.mkdir()
+        self.out = parent / "out"
+        (parent / ".out.staging-notes").write_text("keep me")
+        if self.overwrite:
+            shutil.copytree(sweep["previous_dir"], self.out)
+
+    def state_after_kill(self, context: object) -> str:
+        """After the kill, the output is the new one, or still the previous one it was replacing,
+        or absent; absent while replacing, the previous output waits complete in its one `-old-`
+        staging folder (killed between the two renames). The state in words; `context` goes into
+        the assertions."""
+        out, sweep = self.out, self.sweep
+        if out.exists():
+            names = {sweep["reference"]: "the new output", sweep["previous"]: "the previous output"}
+            state = names.get(tree_digest(out), "damaged")
+            assert state == "the new output" or (self.overwrite and state == "the previous output"), context
+            return state
+        if not self.overwrite:
+            return "absent"
+        asides = sorted(out.parent.glob(f".{out.name}.staging-*-old-*"))
+        assert len(asides) == 1 and tree_digest(asides[0]) == sweep["previous"], (context, asides)
+        return "absent, previous output aside"
+
+    def check_next_run(self) -> None:
+        """After the next run: the output holds the new bytes and nothing is left beside it but
+        the file named like a staging folder, unchanged."""
+        assert tree_digest(self.out) == self.sweep["reference"]
+        assert (self.out.parent / ".out.staging-notes").read_text() == "keep me"
+        assert sorted(p.name for p in self.out.parent.iterdir()) == [".out.staging-notes", "out"]

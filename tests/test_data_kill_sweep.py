@@ -20,13 +20,11 @@ sweep of issue 9.
 from __future__ import annotations
 
 import json
-import random
-import shutil
 import time
 
 import pytest
 import yaml
-from kill_helpers import ForkServer, hidden_leftovers, kill_after, seeds, tree_digest, was_killed
+from kill_helpers import ForkServer, OutputSeed, hidden_leftovers, kill_after, seeds, tree_digest, was_killed
 from test_train_helpers import prepared_data_fixture  # noqa: F401
 
 from upcycle.data.synthetic import synthetic_documents
@@ -74,15 +72,9 @@ def sweep(prepared_data, tmp_path_factory):
 
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_sigkill_at_a_random_point(sweep, seed):
-    rng = random.Random(seed)
-    mode, overwrite = MODES[seed % len(MODES)], seed % 2 == 1
-    server, parent = sweep["server"], sweep["root"] / f"seed{seed}"
-    parent.mkdir()
-    out = parent / "out"
-    unrelated = parent / ".out.staging-notes"  # looks like a staging name, is not one: must survive
-    unrelated.write_text("keep me")
-    if overwrite:
-        shutil.copytree(sweep["previous_dir"], out)
+    run = OutputSeed(sweep, seed, MODES)
+    rng, mode, overwrite, out = run.rng, run.mode, run.overwrite, run.out
+    server = sweep["server"]
     argv = ("data", "prepare", sweep["config"], out, "--quiet")
 
     if mode == "time":
@@ -103,25 +95,14 @@ def test_sigkill_at_a_random_point(sweep, seed):
     finished = status == 0 and mode != "renames"
     assert was_killed(status) or finished, (seed, outcome, status, server.log().read_text())
 
-    asides = [p for p in parent.glob(".out.staging-*-old-*")]
-    if out.exists():
-        names = {sweep["reference"]: "the new output", sweep["previous"]: "the previous output"}
-        state = names.get(tree_digest(out), "damaged")
-        assert state == "the new output" or (overwrite and state == "the previous output"), (seed, outcome)
-    else:
-        state = "absent"
-        if overwrite:  # killed between the two renames: the previous output waits aside, complete
-            assert len(asides) == 1 and tree_digest(asides[0]) == sweep["previous"], (seed, outcome)
-            state = "absent, previous output aside"
+    state = run.state_after_kill((seed, outcome))
     print(
         f"seed {seed:2d} {mode:8s} overwrite={overwrite!s:5s} {outcome:26s} OUT_DIR {state:29s} "
-        f"leftovers {len(hidden_leftovers(parent)) - 1}",
+        f"leftovers {len(hidden_leftovers(out.parent)) - 1}",
         end=" ",
     )
 
     # The next run: the user runs the same command again.
     assert server.run(*argv) == 0, server.log().read_text()
-    assert tree_digest(out) == sweep["reference"]
-    assert unrelated.read_text() == "keep me"
-    assert sorted(p.name for p in parent.iterdir()) == [".out.staging-notes", "out"]
+    run.check_next_run()
     print("-> next run ok")

@@ -14,9 +14,10 @@ staging folder. The next run must succeed, remove what the killed run left besid
 restore nothing it should not, leave unrelated files alone, and write the reference bytes.
 
 To spend the time on conversions rather than on interpreter start-up, the runs are forked from
-one Python process that has already imported upcycle; each run is a separate process executing
-`upcycle.cli.main(argv)`, killed with SIGKILL by this test (tests/test_convert_kill.py covers the
-same kills on freshly exec'ed `python -m upcycle` processes).
+one Python process that has already imported upcycle (tests/kill_helpers.py's fork server); each
+run is a separate process executing `upcycle.cli.main(argv)`, killed with SIGKILL by this test
+(tests/test_convert_kill.py covers the same kills on freshly exec'ed `python -m upcycle`
+processes).
 
 `UPCYCLE_KILL_SEEDS` sets the number of seeds: 3 by default (one per kill mode), 20 for the full
 sweep of issue 9 (`UPCYCLE_KILL_SEEDS=20 pytest tests/test_kill_sweep.py`).
@@ -25,16 +26,9 @@ sweep of issue 9 (`UPCYCLE_KILL_SEEDS=20 pytest tests/test_kill_sweep.py`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import queue
-import random
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,104 +36,12 @@ import pytest
 import torch
 import transformers
 import yaml
+from kill_helpers import ForkServer, OutputSeed, kill_after, seeds, tree_digest, was_killed
 
 from upcycle.checkpoint.loading import load_model
 
-SEEDS = int(os.environ.get("UPCYCLE_KILL_SEEDS", "3"))
+SEEDS = seeds(3)
 MODES = ("bytes", "validation", "time")
-
-FORK_SERVER = r"""
-import json, os, sys, traceback
-import torch
-import upcycle
-from upcycle.cli import main
-
-with torch.device("meta"):  # imports what a first conversion would (torch._dynamo), computing nothing
-    torch.nn.Embedding(2, 2)
-
-for line in iter(sys.stdin.readline, ""):
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-        os.dup2(log, 2)
-        if request.get("die_after_renames"):  # SIGKILL itself right after the n-th folder rename
-            real_rename, done = os.rename, []
-
-            def rename(*args, **kwargs):
-                real_rename(*args, **kwargs)
-                done.append(args)
-                if len(done) == request["die_after_renames"]:
-                    os.kill(os.getpid(), 9)
-
-            os.rename = rename
-        try:
-            code = main(request["argv"])
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    print(json.dumps({"pid": pid}), flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"pid": pid, "status": status}), flush=True)
-"""
-
-
-class ForkServer:
-    """Runs `upcycle` CLI invocations as forked children of one pre-imported interpreter."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", FORK_SERVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},  # the test's polling needs the other core
-        )
-        self.lines: queue.Queue[dict] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.count = 0
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-
-    def start(self, *argv: object, die_after_renames: int = 0) -> int:
-        self.count += 1
-        log = self.logs / f"run{self.count}.log"
-        request = {"argv": [str(a) for a in argv], "log": str(log), "die_after_renames": die_after_renames}
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        return self.lines.get(timeout=120)["pid"]
-
-    def finished(self, timeout: float | None = None) -> int | None:
-        """The wait status of the running child, or None if it is still running after `timeout`."""
-        try:
-            return self.lines.get(timeout=timeout)["status"] if timeout else self.lines.get_nowait()["status"]
-        except queue.Empty:
-            return None
-
-    def run(self, *argv: object) -> int:
-        self.start(*argv)
-        status = self.finished(timeout=600)
-        assert status is not None, "a conversion did not end in 10 minutes"
-        return os.waitstatus_to_exitcode(status)
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.kill()  # no need to wait for torch's interpreter shutdown
-        self.proc.wait(timeout=60)
-
-
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()
 
 
 def staging_folders(parent: Path, name: str) -> list[Path]:
@@ -178,25 +80,24 @@ def sweep(tmp_path_factory):
         configs[experts].write_text(
             yaml.safe_dump({"recipe": "sparse", "sources": [str(source)], "num_experts": experts})
         )
-    (root / "logs").mkdir()
     server = ForkServer(root / "logs")
 
     assert server.run("convert", configs[4], root / "previous", "--quiet") == 0  # also warms up
     reference = root / "reference"
     server.start("convert", configs[8], reference, "--quiet")
     started, staging_after = time.monotonic(), None
-    while (status := server.finished(timeout=0.002)) is None:
+    while (message := server.finished(timeout=0.002)) is None:
         if staging_after is None and staging_folders(root, "reference"):
             staging_after = time.monotonic() - started
     duration = time.monotonic() - started
-    assert os.waitstatus_to_exitcode(status) == 0, (root / "logs" / "run2.log").read_text()
+    assert os.waitstatus_to_exitcode(message["status"]) == 0, server.log().read_text()
     yield {
         "root": root,
         "server": server,
         "config": configs[8],
-        "reference": folder_digest(reference),
+        "reference": tree_digest(reference),
         "previous_dir": root / "previous",
-        "previous": folder_digest(root / "previous"),
+        "previous": tree_digest(root / "previous"),
         "total_bytes": sum(f.stat().st_size for f in reference.glob("*.safetensors")),
         "duration": duration,
         "validation": staging_after or duration / 4,
@@ -207,35 +108,19 @@ def sweep(tmp_path_factory):
 
 def kill_at_bytes(server: ForkServer, pid: int, parent: Path, name: str, at_bytes: int):
     """SIGKILL once the staging folder holds `at_bytes` of safetensors; (outcome, wait status)."""
-    while (status := server.finished()) is None:
+    while (message := server.finished()) is None:
         if staged_bytes(parent, name) >= at_bytes:
             os.kill(pid, signal.SIGKILL)
-            return f"killed at {at_bytes / 1e6:.1f} MB", server.finished(timeout=120)
+            return f"killed at {at_bytes / 1e6:.1f} MB", server.wait(120)
         time.sleep(0.001)
-    return "finished first", status
-
-
-def kill_after(server: ForkServer, pid: int, delay: float):
-    """SIGKILL `delay` seconds after the start; (outcome, wait status)."""
-    status = server.finished(timeout=delay) if delay > 0 else None
-    if status is not None:
-        return "finished first", status
-    os.kill(pid, signal.SIGKILL)
-    return f"killed after {delay:.3f} s", server.finished(timeout=120)
+    return "finished first", message["status"]
 
 
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_sigkill_at_a_random_point(sweep, seed):
-    rng = random.Random(seed)
-    mode, overwrite = MODES[seed % len(MODES)], seed % 2 == 1
-    root, server = sweep["root"], sweep["server"]
-    parent = root / f"seed{seed}"
-    parent.mkdir()
-    name, out = "out", parent / "out"
-    unrelated = parent / ".out.staging-notes"  # looks like a staging name, is not one: must survive
-    unrelated.write_text("keep me")
-    if overwrite:
-        shutil.copytree(sweep["previous_dir"], out)
+    run = OutputSeed(sweep, seed, MODES)
+    rng, mode, overwrite, out = run.rng, run.mode, run.overwrite, run.out
+    server, parent, name = sweep["server"], out.parent, out.name
 
     pid = server.start("convert", sweep["config"], out, "--quiet", *(["--overwrite"] if overwrite else []))
     if mode == "bytes":
@@ -246,20 +131,10 @@ def test_sigkill_at_a_random_point(sweep, seed):
     else:
         outcome, status = kill_after(server, pid, rng.uniform(0.0, sweep["duration"]))
     assert status is not None, "the killed process was not reaped"
-    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    assert killed or os.waitstatus_to_exitcode(status) == 0, (parent, outcome, status)
+    assert was_killed(status) or os.waitstatus_to_exitcode(status) == 0, (parent, outcome, status)
 
     left = [p.name for p in staging_folders(parent, name)]
-    asides = [p for p in staging_folders(parent, name) if "-old-" in p.name]
-    if out.exists():
-        names = {sweep["reference"]: "the new output", sweep["previous"]: "the previous output"}
-        state = names.get(folder_digest(out), "damaged")
-        assert state == "the new output" or (overwrite and state == "the previous output"), (seed, outcome)
-    else:
-        state = "absent"
-        if overwrite:  # killed between the two renames: the previous output waits aside, complete
-            assert len(asides) == 1 and folder_digest(asides[0]) == sweep["previous"], (seed, outcome, left)
-            state = "absent, previous output aside"
+    state = run.state_after_kill((seed, outcome, left))
     print(
         f"seed {seed:2d} {mode:10s} overwrite={overwrite!s:5s} {outcome:24s} OUT_DIR {state:19s} "
         f"staging folders left {len(left)}",
@@ -269,11 +144,9 @@ def test_sigkill_at_a_random_point(sweep, seed):
     # The next run: a user re-runs the same command, adding --overwrite if the output now exists.
     again = ["--overwrite"] if overwrite or out.exists() else []
     code = server.run("convert", sweep["config"], out, "--quiet", *again)
-    assert code == 0, (server.logs / f"run{server.count}.log").read_text()
-    assert folder_digest(out) == sweep["reference"]
+    assert code == 0, server.log().read_text()
     assert staging_folders(parent, name) == [], "the next run left staging folders"
-    assert unrelated.read_text() == "keep me"
-    assert sorted(p.name for p in parent.iterdir()) == [".out.staging-notes", "out"]
+    run.check_next_run()
     print("-> next run ok")
     if seed == SEEDS - 1:
         load_model(out)  # the output is loadable, not only byte-identical
@@ -289,19 +162,18 @@ def test_sigkill_between_the_renames_of_an_overwrite(sweep, renames):
     out = parent / "out"
     shutil.copytree(sweep["previous_dir"], out)
     server.start("convert", sweep["config"], out, "--quiet", "--overwrite", die_after_renames=renames)
-    status = server.finished(timeout=120)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert was_killed(server.wait(120))
     asides = [p for p in staging_folders(parent, "out") if "-old-" in p.name]
-    assert len(asides) == 1 and folder_digest(asides[0]) == sweep["previous"]
+    assert len(asides) == 1 and tree_digest(asides[0]) == sweep["previous"]
     if renames == 1:
         assert not out.exists()
         # Re-run without --overwrite: the previous output comes back and is not replaced.
         assert server.run("convert", sweep["config"], out, "--quiet") == 2
-        assert "already exists" in (server.logs / f"run{server.count}.log").read_text()
-        assert folder_digest(out) == sweep["previous"]
+        assert "already exists" in server.log().read_text()
+        assert tree_digest(out) == sweep["previous"]
     else:
-        assert folder_digest(out) == sweep["reference"]
+        assert tree_digest(out) == sweep["reference"]
 
     assert server.run("convert", sweep["config"], out, "--quiet", "--overwrite") == 0
-    assert folder_digest(out) == sweep["reference"]
+    assert tree_digest(out) == sweep["reference"]
     assert sorted(p.name for p in parent.iterdir()) == ["out"]

@@ -16,14 +16,13 @@ sweep of issue 9 (about 5 minutes on 2 cores).
 from __future__ import annotations
 
 import json
-import random
 import re
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from kill_helpers import ForkServer, hidden_leftovers, kill_after, seeds, was_killed
+from kill_helpers import ForkServer, hidden_leftovers, kill_after, seed_run, seeds, was_killed
 from pipeline_helpers import reduced_pipeline
 
 SEEDS = seeds(2)
@@ -100,11 +99,8 @@ def check_after_kill(out: Path) -> str:
 
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_sigkill_then_run_again(sweep, seed):
-    rng = random.Random(seed)
-    mode = MODES[seed % len(MODES)]
-    server, out = sweep["server"], sweep["root"] / f"seed{seed}"
-    path = sweep["root"] / f"seed{seed}.yaml"
-    path.write_text(yaml.safe_dump(pipeline(out)))
+    rng, mode, out, path = seed_run(sweep, seed, MODES, pipeline)
+    server = sweep["server"]
 
     if mode == "time":
         pid = server.start("run", path, "--quiet")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kill_helpers import ForkServer, hidden_leftovers, kill_after, seeds, tree_digest, was_killed
+from kill_helpers import ForkServer, hidden_leftovers, kill_after, seed_run, seeds, tree_digest, was_killed
 from test_train_helpers import MOE, prepared_data_fixture, train_config  # noqa: F401
 
 from upcycle.train import complete_checkpoints
@@ -124,11 +123,8 @@ def check_after_kill(sweep: dict, out: Path) -> str:
 
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_sigkill_then_resume(sweep, seed):
-    rng = random.Random(seed)
-    mode = MODES[seed % len(MODES)]
-    server, out = sweep["server"], sweep["root"] / f"seed{seed}"
-    path = sweep["root"] / f"seed{seed}.yaml"
-    path.write_text(yaml.safe_dump(config(sweep["data"], out, 2)))
+    rng, mode, out, path = seed_run(sweep, seed, MODES, lambda out: config(sweep["data"], out, 2))
+    server = sweep["server"]
 
     if mode == "time":
         pid = server.start("train", path, "--quiet")
