@@ -195,3 +195,22 @@ def test_bf16_output_and_recipes_command(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     listing = run_cli("recipes")
     assert listing.returncode == 0 and "sparse" in listing.stdout and "btx" in listing.stdout
+
+
+def test_btx_of_sources_in_different_dtypes_averages_each_in_its_own_precision(tmp_path):
+    """A bf16 source and an fp32 one: the mean is (s_0 + s_1) / 2 in fp32, each source entering
+    the sum at its own precision, cast to source 0's dtype (bf16); experts are copied exactly."""
+    sources = []
+    for i, dtype in enumerate((torch.bfloat16, torch.float32)):
+        model = build_hf_model("llama", seed=20 + i).to(dtype)
+        model.save_pretrained(tmp_path / f"src{i}")
+        sources.append(tmp_path / f"src{i}")
+    out = convert_cli(tmp_path, "btx_mixed", {"recipe": "btx", "sources": [str(s) for s in sources]})
+    moe = upcycle.load_model(out).state_dict()
+    dense = [upcycle.load_model(s).state_dict() for s in sources]
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"):
+        expected = ((dense[0][name].float() + dense[1][name].float()) / 2).to(torch.bfloat16)
+        assert moe[name].dtype == torch.bfloat16
+        assert torch.equal(moe[name], expected), name
+    down = moe["model.layers.0.mlp.experts.down_proj"]
+    assert torch.equal(down[1], dense[1]["model.layers.0.mlp.down_proj.weight"].to(torch.bfloat16))

@@ -159,15 +159,15 @@ class SourceModel:
     def read_into(
         self, name: str, out: torch.Tensor, start: int | None = None, stop: int | None = None
     ) -> None:
-        """Tensor `name` (or its rows [start, stop)) written into `out` (checked finite). When
-        `out` has the source's dtype the bytes are read straight into it, with no temporary;
-        otherwise the tensor is read and cast."""
+        """Tensor `name` (or its rows [start, stop)) written into `out`, checked finite in the
+        source's own dtype. When `out` has that dtype the bytes are read straight into it, with no
+        temporary; otherwise the tensor is read, checked, then cast."""
         native = self._native(name)
         if out.dtype == self.checkpoint.dtype(native):
             self.checkpoint.read_into(native, out, start, stop)
+            self._finite(native, out)
         else:
-            out.copy_(self.tensor(name) if start is None else self.checkpoint.get_rows(native, start, stop))
-        self._finite(native, out)
+            out.copy_(self.tensor(name) if start is None else self.rows(name, start, stop))
 
 
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -44,41 +44,43 @@ MEAN_BLOCK_BYTES = 8 * 1024**2
 
 
 def mean_of_sources(sources, name: str) -> torch.Tensor:
-    """Uniform mean of one tensor over all sources, accumulated in fp32 (fp64 for fp64 sources)
-    and cast back: out = (s_0 + s_1 + ... + s_{N-1}) / N, summed in source order.
+    """Uniform mean of one tensor over all sources, accumulated in fp32 (fp64 when source 0 is
+    fp64) and cast to source 0's dtype: out = (s_0 + s_1 + ... + s_{N-1}) / N, summed in source
+    order, each source entering the sum in its own precision.
 
     Rows are processed in blocks of about 8 MB of accumulator: each source's rows are read
-    straight into one reused buffer and added in place, so memory stays at the output tensor
-    plus two small buffers, however many sources there are, and no fresh memory is touched
-    per block (bench/RESULTS.md, conversion: fresh pages are what made this slow)."""
+    straight into a reused buffer of its dtype and added in place, so memory stays at the output
+    tensor plus a few small buffers, however many sources there are, and no fresh memory is
+    touched per block (bench/RESULTS.md, conversion: fresh pages are what made this slow)."""
     shape = sources[0].shape(name)
     dtype = sources[0].dtype_of(name)
     acc_dtype = compute_dtype(dtype)
     out = torch.empty(shape, dtype=dtype)
     if out.numel() == 0:
         return out
-    rows = shape[0] if len(shape) else 1
-    flat = out.view(rows, -1)
-    row_bytes = max(1, flat.shape[1] * torch.empty((), dtype=acc_dtype).element_size())
-    step = max(1, min(rows, MEAN_BLOCK_BYTES // row_bytes))
-    buffer = torch.empty((step, *shape[1:]), dtype=dtype)
-    total = torch.empty((step, *shape[1:]), dtype=acc_dtype)
+    flat_out = out.view(shape[0] if len(shape) else 1, -1)
+    rows, width = flat_out.shape
+    step = max(1, min(rows, MEAN_BLOCK_BYTES // max(1, width * acc_dtype.itemsize)))
+    total = torch.empty((step, width), dtype=acc_dtype)
+    buffers: dict[torch.dtype, torch.Tensor] = {}  # one reused read buffer per source dtype
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        part, acc = buffer[: stop - start], total[: stop - start]
-        if len(shape) == 0:
-            part, acc = buffer.view(()), total.view(())
+        acc = total[: stop - start]
         for index, source in enumerate(sources):
+            source_dtype = source.dtype_of(name)
+            if source_dtype not in buffers:
+                buffers[source_dtype] = torch.empty((step, width), dtype=source_dtype)
+            part = buffers[source_dtype][: stop - start]
             if len(shape) == 0:
-                source.read_into(name, part)
+                source.read_into(name, part.view(()))
             else:
-                source.read_into(name, part, start, stop)
+                source.read_into(name, part.view(stop - start, *shape[1:]), start, stop)
             if index == 0:
                 acc.copy_(part)
             else:
                 acc.add_(part)
         acc.div_(len(sources))
-        (out.view(()) if len(shape) == 0 else out[start:stop]).copy_(acc)
+        flat_out[start:stop].copy_(acc)
     return out
 
 
