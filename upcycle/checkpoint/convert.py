@@ -105,6 +105,7 @@ class WriteBehind:
         self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._storage = None  # data pointer of the storage whose tensors are in flight
+        self._cancelled = False  # the caller failed: queued tensors are dropped, not written
         self._thread = threading.Thread(target=self._run, name="upcycle-writer", daemon=True)
 
     def __enter__(self) -> WriteBehind:
@@ -117,7 +118,7 @@ class WriteBehind:
             try:
                 if item is None:
                     return
-                if self._error is None:
+                if self._error is None and not self._cancelled:
                     self.writer.write(*item)
             except BaseException as error:
                 self._error = error
@@ -138,6 +139,7 @@ class WriteBehind:
         self._queue.put((name, tensor))
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._cancelled = exc_type is not None  # an error or Ctrl-C: the output is discarded anyway
         self._queue.put(None)
         self._thread.join()
         if exc_type is None:
@@ -203,12 +205,17 @@ def write_converted(
     total = sum(p.nbytes for p in plan)
     with atomic_output_dir(out_dir, overwrite=overwrite) as staging, _progress(total, quiet) as bar:
         task = bar.add_task("convert", total=total)
-        gc.freeze()  # the stream allocates no cycles; sparing the collector a walk of every object is measurable
+        # The stream allocates no cycles; sparing the collector a walk of every object is
+        # measurable. A freeze made by the caller (e.g. before forking workers) is left alone.
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
         try:
             with StreamingWriter(staging, plan, max_shard_bytes) as writer, WriteBehind(writer) as behind:
                 _stream(outputs, build, dtype, behind, lambda count: bar.advance(task, count))
         finally:
-            gc.unfreeze()
+            if freeze:
+                gc.unfreeze()
         (staging / "config.json").write_text(
             json.dumps(export.config_json(target), indent=2, sort_keys=True) + "\n"
         )

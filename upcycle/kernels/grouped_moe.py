@@ -71,7 +71,7 @@ def grouped_mm_available(
     device = torch.device(device)
     if torch.compiler.is_compiling() and dtype != torch.bfloat16:
         return False
-    return _grouped_mm_available(device.type, device.index, dtype, tuple(widths))
+    return _grouped_mm_available(device.type, device.index, dtype, tuple(int(w) for w in widths))
 
 
 @torch.compiler.assume_constant_result
