@@ -287,3 +287,17 @@ def test_expert_parallel_key_is_validated():
                 "parallel": {"expert_parallel": 0},
             }
         )
+
+
+def test_compiled_blocks_with_expert_parallelism(prepared_data, tmp_path):
+    """`compile: true` with ep 2 (the dispatch runs eagerly inside the compiled block: its split
+    sizes are data) gives the losses of compiled ep 1 on the same 2 ranks."""
+    stop, no_eval = {"max_steps": 2}, {"at_end": False}
+    jobs = [
+        (_config(prepared_data, tmp_path / "ep2", 2, compile=True, stop=stop, eval=no_eval), False, None),
+        (_config(prepared_data, tmp_path / "ep1", 1, compile=True, stop=stop, eval=no_eval), False, None),
+    ]
+    spawn(_train_worker, 2, (jobs,), timeout=500)
+    ep2, ep1 = (_records(tmp_path / name, "train") for name in ("ep2", "ep1"))
+    assert len(ep2) == len(ep1) == 2
+    assert _max_difference([r["loss"] for r in ep2], [r["loss"] for r in ep1]) <= 1e-6

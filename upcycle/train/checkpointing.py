@@ -184,6 +184,8 @@ def _torch_save(obj: object, path: Path) -> None:
             if recording.error is not None:
                 raise recording.error from None
             raise
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the COMPLETE marker that vouches for it
 
 
 class Checkpointer:
@@ -201,12 +203,16 @@ class Checkpointer:
         found = self.distributed.broadcast_object(found)
         return found[-1][1] if found else None
 
-    def check_space_for_run(self, checkpoints: bool, final_dtype: torch.dtype) -> None:
+    def check_space_for_run(
+        self, checkpoints: bool, final_dtype: torch.dtype, trainable_parameters: int | None = None
+    ) -> None:
         """Refuse before training when one checkpoint (fp32 model and AdamW's two fp32 moments),
         or with `checkpoints` off the final model, cannot fit on the output's disk."""
         parameters = total_parameters(self.model_config)
-        if checkpoints:
-            needed, what = parameters * 12 + SLACK_BYTES, "a training checkpoint (model and optimizer state)"
+        if checkpoints:  # fp32 weights of every parameter, AdamW's two moments of the trainable ones
+            trainable = parameters if trainable_parameters is None else trainable_parameters
+            needed = parameters * 4 + trainable * 8 + SLACK_BYTES
+            what = "a training checkpoint (model and optimizer state)"
         else:
             needed, what = parameters * final_dtype.itemsize + SLACK_BYTES, "the final model"
         fix = "free some space or choose an `output` on a larger disk"
@@ -299,7 +305,10 @@ class Checkpointer:
             return
         for _, folder in complete_checkpoints(self.root)[: -self.keep_last_k]:
             hidden = folder.parent / f".{folder.name}.pruned-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(folder, hidden)  # one atomic step out of sight; deleting takes many
+            try:
+                os.rename(folder, hidden)  # one atomic step out of sight; deleting takes many
+            except OSError:  # pruning must never end a run whose checkpoint is already safe
+                hidden = folder
             shutil.rmtree(hidden, ignore_errors=True)
 
     def _remove_leftovers(self) -> None:

@@ -142,6 +142,7 @@ class ExpertDispatch:
     def __init__(self, group, ep: int, grad_scale: float = 1.0) -> None:
         self.group, self.ep, self.grad_scale = group, ep, grad_scale
 
+    @torch.compiler.disable  # data-dependent split sizes and DTensor locals: run it eagerly
     def __call__(
         self,
         experts: Experts,

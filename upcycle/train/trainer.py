@@ -152,7 +152,9 @@ class Trainer:
             output / "checkpoints", config.checkpoint.keep_last_k, distributed, plan.model_config
         )
         self.checkpointer.check_space_for_run(
-            config.checkpoint.every_steps > 0, getattr(torch, config.checkpoint.final_dtype)
+            config.checkpoint.every_steps > 0,
+            getattr(torch, config.checkpoint.final_dtype),
+            self.trainable_parameters,
         )
         seed_rng(config.seed, distributed.rank)
         self._maybe_resume(optimizer, batches)
@@ -181,6 +183,7 @@ class Trainer:
         model = build_model(config.model)
         freeze_parameters(model, config.freeze)
         total, trainable = parameter_count(model)
+        self.trainable_parameters = trainable
         model.to(distributed.device)
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
