@@ -382,6 +382,14 @@ PIPELINE: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
         ("seed", "micro_batch_size 3 does not divide"),
     ),
     "missing_seed_checkpoint": ({"seed": {"path": "MISSING"}}, ("does not exist",)),
+    "finetune_expert_parallel_in_process": (
+        {"finetune.train.extra": {"parallel": {"expert_parallel": 2}}},
+        ("finetune.train", "expert_parallel 2 does not divide the 1 rank"),
+    ),
+    "branch_expert_parallel_on_dense_seed": (
+        {"branches.train.extra": {"parallel": {"expert_parallel": 2}}},
+        ("branches.train", "no MoE layer"),
+    ),
 }
 
 DATA_PIPELINE: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {

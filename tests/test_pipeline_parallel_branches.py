@@ -75,6 +75,27 @@ def test_branch_commands():
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
+def test_group_indices_map_through_the_parents_visible_devices():
+    path = Path("/runs/x/branches/code/train.yaml")
+    _, env = branch_command(path, (0,), 1, parent_visible="4,5")
+    assert env["CUDA_VISIBLE_DEVICES"] == "4"
+    _, env = branch_command(path, (0, 1), 1, parent_visible="GPU-aaa, GPU-bbb")
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaa,GPU-bbb"
+
+
+def test_threads_are_split_over_every_process_of_every_group(monkeypatch):
+    monkeypatch.setattr(pipeline_run.os, "cpu_count", lambda: 16)
+    plan = plan_branch_launches(
+        branches=2, gpus=[0, 1, 2, 3, 4, 5, 6, 7], gpus_per_branch=4, max_parallel=None
+    )
+    assert plan.threads == 2  # 2 groups x 4 processes on 16 cores
+
+
+def test_a_gpu_listed_twice_is_refused():
+    with pytest.raises(UpcycleError, match="lists a GPU twice"):
+        pipeline_run.visible_gpus([0, 0])
+
+
 def test_unknown_gpu_index_is_refused():
     with pytest.raises(UpcycleError, match=r"branches\.gpus names GPU 7"):
         pipeline_run.visible_gpus([7])

@@ -107,6 +107,8 @@ def visible_gpus(wanted: list[int] | None = None) -> list[int]:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if wanted is None:
         return list(range(count))
+    if len(set(wanted)) != len(wanted):
+        raise UpcycleError("branches.gpus lists a GPU twice; list each index once")
     missing = [g for g in wanted if not 0 <= g < count]
     if missing:
         raise UpcycleError(
@@ -145,20 +147,27 @@ def plan_branch_launches(
             for i in range(0, len(gpus) - gpus_per_branch + 1, gpus_per_branch)
         ]
         slots = max(1, min(len(groups), branches, max_parallel or len(groups)))
-        threads = max(1, (os.cpu_count() or 1) // slots)
+        threads = max(1, (os.cpu_count() or 1) // (slots * gpus_per_branch))  # per process
         return BranchLaunchPlan(tuple(groups[:slots]), threads)
     slots = max(1, min(max_parallel or 2, branches))
     return BranchLaunchPlan(tuple(() for _ in range(slots)), max(1, (os.cpu_count() or 1) // slots))
 
 
-def branch_command(path: Path, group: tuple[int, ...], threads: int) -> tuple[list[str], dict[str, str]]:
+def branch_command(
+    path: Path, group: tuple[int, ...], threads: int, parent_visible: str | None = None
+) -> tuple[list[str], dict[str, str]]:
     """The command and extra environment of one branch process: `upcycle train` on its GPU, or
-    under torchrun (standalone rendezvous on a free port, FSDP2) on a group of several."""
+    under torchrun (standalone rendezvous on a free port, FSDP2) on a group of several.
+
+    `group` holds indices among the GPUs this process sees; `parent_visible` is this process's
+    CUDA_VISIBLE_DEVICES, through which they are mapped (a child given "0" under a parent that
+    sees "4,5" must get "4")."""
     env = {"OMP_NUM_THREADS": str(threads)}
     train = ["-m", "upcycle", "train", str(path), "--resume"]
     if not group:
         return [sys.executable, *train], env
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, group))
+    entries = [e.strip() for e in (parent_visible or "").split(",") if e.strip()]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(entries[g] if entries else str(g) for g in group)
     if len(group) == 1:
         return [sys.executable, *train], env
     torchrun = [
@@ -298,7 +307,7 @@ class Pipeline:
 
     def _check_training(self, seed: ModelConfig) -> None:
         from upcycle.train.config import TrainConfig
-        from upcycle.train.preflight import batch_layout
+        from upcycle.train.preflight import batch_layout, check_expert_parallel
 
         c = self.config
         stages = [
@@ -311,10 +320,27 @@ class Pipeline:
             model = {"config": seed.model_dump(mode="json")} if stage == "seed" else {"path": "seed"}
             config = self._train(settings, model, self.paths.root / stage, {"max_steps": steps}, None)
             train_config = validated(TrainConfig, config, f"{stage}.train")
+            world = self._stage_world_size(stage)
+            ep = train_config.parallel.expert_parallel
             try:
-                batch_layout(train_config.batch, 1)
+                batch_layout(train_config.batch, world)
+                if stage != "finetune":  # the seed and the branches are the dense seed model
+                    check_expert_parallel(ep, seed, world)
+                elif world % ep:
+                    raise UpcycleError(
+                        f"parallel.expert_parallel {ep} does not divide the {world} rank(s) the pipeline "
+                        "runs the finetune on; set it to 1 here, or run the finetune yourself under torchrun"
+                    )
             except UpcycleError as error:
                 raise UpcycleError(f"{stage}.train: {error}") from error
+
+    def _stage_world_size(self, stage: str) -> int:
+        """Ranks a stage runs on: a branch on a GPU group of `gpus_per_branch` under
+        `launch: parallel` on a GPU machine, one process otherwise."""
+        b = self.config.branches
+        if stage == "branches" and b.launch == "parallel" and visible_gpus(b.gpus):
+            return b.gpus_per_branch
+        return 1
 
     # -- data --------------------------------------------------------------------------------
     def _data_config(self, tokenizer: Path | str, domains: dict[str, Any]):
@@ -440,30 +466,33 @@ class Pipeline:
         pending = list(configs.items())
         free = list(plan.groups)
         running: list[tuple[str, subprocess.Popen, tuple[int, ...]]] = []
-        while pending or running:
-            while pending and free:
-                domain, config = pending.pop(0)
-                group = free.pop(0)
-                path = self._write_branch_yaml(domain, config)
-                command, env = branch_command(path, group, plan.threads)
-                log(f"launching branch {domain}: {plan.describe(group)}{' '.join(command)}", self.quiet)
-                proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
-                running.append((domain, proc, group))
-            time.sleep(0.2)
-            for domain, proc, group in list(running):
-                if proc.poll() is None:
-                    continue
-                running.remove((domain, proc, group))
-                free.append(group)
-                if proc.returncode != 0:
-                    for _, other, _ in running:  # stop the others; a rerun resumes every branch
-                        other.terminate()
-                    for _, other, _ in running:
-                        other.wait()
-                    raise UpcycleError(
-                        f"branch {domain} failed (exit code {proc.returncode}); see "
-                        f"{self.paths.branch(domain)} and rerun the pipeline to resume"
-                    )
+        try:
+            while pending or running:
+                while pending and free:
+                    domain, config = pending.pop(0)
+                    group = free.pop(0)
+                    path = self._write_branch_yaml(domain, config)
+                    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                    command, env = branch_command(path, group, plan.threads, visible)
+                    log(f"launching branch {domain}: {plan.describe(group)}{' '.join(command)}", self.quiet)
+                    proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+                    running.append((domain, proc, group))
+                time.sleep(0.2)
+                for domain, proc, group in list(running):
+                    if proc.poll() is None:
+                        continue
+                    running.remove((domain, proc, group))
+                    free.append(group)
+                    if proc.returncode != 0:
+                        raise UpcycleError(
+                            f"branch {domain} failed (exit code {proc.returncode}); see "
+                            f"{self.paths.branch(domain)} and rerun the pipeline to resume"
+                        )
+        finally:  # a failure, an error here or Ctrl-C: stop the others; a rerun resumes every branch
+            for _, other, _ in running:
+                other.terminate()
+            for _, other, _ in running:
+                other.wait()
 
     # -- mixes and finetunes -----------------------------------------------------------------
     def branch_flops(self, seed: Path) -> float:
