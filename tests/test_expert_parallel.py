@@ -18,18 +18,21 @@ process group per spawn for all its jobs). The training runs happen once, in a m
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from test_train_helpers import MOE, one_thread, prepared_data_fixture, train_config  # noqa: F401
+from test_train_helpers import (  # noqa: F401
+    MOE,
+    distributed_environment,
+    one_thread,
+    prepared_data_fixture,
+    spawn,
+    train_config,
+)
 
 from upcycle.errors import UpcycleError
 from upcycle.train import TrainConfig, train
@@ -43,19 +46,8 @@ TOLERANCE = 1e-6
 # --- spawning -----------------------------------------------------------------------------------
 
 
-def _environment(rank: int, world_size: int, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-
-
 def _train_worker(rank: int, world_size: int, port: int, jobs: list[tuple[dict, bool, tuple | None]]) -> None:
-    _environment(rank, world_size, port)
+    distributed_environment(rank, world_size, port)
     dist.init_process_group("gloo")
     try:
         for config, resume, prepare_copy in jobs:
@@ -65,25 +57,6 @@ def _train_worker(rank: int, world_size: int, port: int, jobs: list[tuple[dict, 
             train(config, resume=resume, quiet=True)
     finally:
         dist.destroy_process_group()
-
-
-def spawn(worker, world_size: int, args: tuple, timeout: float = 180) -> None:
-    """Run `worker(rank, world_size, port, *args)` on `world_size` processes; fail after `timeout` s."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.start_processes(
-        worker, args=(world_size, port, *args), nprocs=world_size, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world_size} processes did not finish in {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
 
 
 def _copy_without_last(source: str, target: str) -> None:
@@ -97,7 +70,7 @@ def _copy_without_last(source: str, target: str) -> None:
 
 
 def _dispatch_worker(rank: int, world_size: int, port: int) -> None:
-    _environment(rank, world_size, port)
+    distributed_environment(rank, world_size, port)
     dist.init_process_group("gloo")
     try:
         from torch.distributed.device_mesh import init_device_mesh

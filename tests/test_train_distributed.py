@@ -14,17 +14,21 @@ port can hang in the rendezvous, and `upcycle train` makes one per process anywa
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from test_train_helpers import DENSE, MOE, one_thread, prepared_data_fixture, train_config, train_records  # noqa: F401
+from test_train_helpers import (  # noqa: F401
+    DENSE,
+    MOE,
+    distributed_environment,
+    one_thread,
+    prepared_data_fixture,
+    train_config,
+    train_records,
+)
+from test_train_helpers import spawn as spawn_processes
 
 from upcycle.train import train
 
@@ -44,15 +48,8 @@ def _config(data, output, model) -> dict:
     )
 
 
-def _worker(rank: int, port: int, jobs: list[tuple[dict, bool, tuple | None]]) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[dict, bool, tuple | None]]) -> None:
+    distributed_environment(rank, world_size, port)
     # One process group for all jobs: the trainer uses a group it finds and leaves it open.
     dist.init_process_group("gloo")
     try:
@@ -70,21 +67,7 @@ def _worker(rank: int, port: int, jobs: list[tuple[dict, bool, tuple | None]]) -
 
 def spawn(jobs: list, timeout: float = 240) -> None:
     """Run `jobs` on WORLD_SIZE processes; fail (and kill them) after `timeout` seconds."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.start_processes(
-        _worker, args=(port, jobs), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed training did not finish in {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_processes(_worker, WORLD_SIZE, (jobs,), timeout)
 
 
 def _losses(output) -> list[float]:

@@ -12,10 +12,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from upcycle.data import DataConfig, prepare_data
 from upcycle.data.synthetic import synthetic_documents, train_byte_level_bpe
@@ -81,3 +85,35 @@ def train_config(data_dir: Path, output: Path, model_config: dict | None = None,
 
 def train_records(output: Path) -> list[dict]:
     return [r for r in read_records(Path(output) / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def distributed_environment(rank: int, world_size: int, port: int) -> None:
+    """What torchrun would set for one rank of a one-machine gloo job (one CPU thread each)."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+
+
+def spawn(worker, world_size: int, args: tuple, timeout: float = 180) -> None:
+    """Run `worker(rank, world_size, port, *args)` on `world_size` processes; fail (and kill
+    them) after `timeout` seconds."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.start_processes(
+        worker, args=(world_size, port, *args), nprocs=world_size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world_size} processes did not finish in {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
