@@ -55,12 +55,14 @@ def test_compiled_blocks_equal_eager(case):
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_grouped_moe_layer_traces_into_one_graph_in_bf16():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_grouped_moe_layer_traces_into_one_graph_in_bf16(dynamic):
     torch._dynamo.reset()
     model = init_weights(Transformer(CASES["moe"]), seed=0)
     layer = model.model.layers[0].mlp.to(torch.bfloat16)
     x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
     assert layer.resolved_implementation(x.reshape(-1, 64)) == "grouped"
-    explained = torch._dynamo.explain(layer)(x)
+    with torch._dynamo.config.patch(assume_static_by_default=not dynamic):
+        explained = torch._dynamo.explain(layer)(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1

@@ -177,7 +177,7 @@ class MoE(nn.Module):
         """`eager` or `grouped`; `auto` is grouped where `torch._grouped_mm` runs natively."""
         if self.implementation != "auto":
             return self.implementation
-        widths = (x_TD.shape[-1], self.experts.down_proj.shape[-1])
+        widths = tuple(self.experts.down_proj.shape[1:])  # (D, F), static even when x is dynamic
         return "grouped" if grouped_mm_available(x_TD.device, x_TD.dtype, widths) else "eager"
 
     def routed_weights(self, routing: Routing) -> torch.Tensor:
