@@ -5,10 +5,14 @@ interpreter importing torch) and exercises the same argument parsing, errors and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import subprocess as subprocess_module
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from upcycle.cli import main
 
@@ -45,3 +49,21 @@ def assert_refused(result: CliResult, *fragments: str) -> None:
     assert lines[0].startswith("upcycle: error: ")
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every folder and file under `root` with the sha256 of its bytes (folders: 'dir'): compare
+    before and after a refused run to show it wrote nothing."""
+    return {
+        str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def write_input(path: Path, data: dict | bytes) -> Path:
+    """A config file for a CLI run: raw bytes as they are (malformed YAML), a dict as YAML."""
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

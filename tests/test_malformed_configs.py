@@ -14,7 +14,6 @@ YAML's `top_k` named as the user writes it, and safetensors headers with a key g
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import struct
@@ -22,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from cli_helpers import assert_refused, run_cli
+from cli_helpers import assert_refused, run_cli, tree, write_input
 from hf_models import build_hf_model
 from pipeline_helpers import reduced_pipeline
 from test_train_helpers import DENSE, VOCAB, one_thread, prepared_data_fixture, train_config  # noqa: F401
@@ -34,14 +32,6 @@ from upcycle.model.config import ModelConfig
 from upcycle.model.transformer import Transformer
 
 DELETE = object()
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every folder and file under `root` with the sha256 of its bytes (folders: 'dir')."""
-    return {
-        str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-    }
 
 
 def changed(config: dict, changes: dict[str, object]) -> dict:
@@ -70,12 +60,7 @@ class Case:
         self.out = root / "out"
 
     def write(self, data: dict | bytes, name: str = "config.yaml") -> Path:
-        path = self.inputs / name
-        if isinstance(data, bytes):
-            path.write_bytes(data)
-        else:
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
-        return path
+        return write_input(self.inputs / name, data)
 
     def refused(self, *args: object, fragments: tuple[str, ...]) -> None:
         before = [tree(self.root), *(tree(p) for p in self.untouched)]

@@ -13,7 +13,6 @@ output path, and `upcycle init`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -25,8 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from cli_helpers import assert_refused, run_cli
+from cli_helpers import assert_refused, run_cli, tree, write_input
 from hf_models import build_hf_model
 from safetensors.torch import load_file, save_file
 
@@ -56,14 +54,6 @@ def moe_source(good_source, tmp_path_factory) -> Path:
     )
 
 
-def tree(root: Path) -> dict[str, str]:
-    """Every folder and file under `root` with the sha256 of its bytes (folders: 'dir')."""
-    return {
-        str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-    }
-
-
 class Case:
     """One malformed-input run: a folder with the inputs, and where OUT_DIR would be."""
 
@@ -80,12 +70,7 @@ class Case:
         return folder
 
     def config(self, data: dict | bytes, name: str = "convert.yaml") -> Path:
-        path = self.inputs / name
-        if isinstance(data, bytes):
-            path.write_bytes(data)
-        else:
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
-        return path
+        return write_input(self.inputs / name, data)
 
     def refused(self, *args: object, fragments: tuple[str, ...]) -> None:
         before = tree(self.root)
