@@ -62,14 +62,12 @@ def mean_of_sources(sources, name: str) -> torch.Tensor:
     rows, width = flat_out.shape
     step = max(1, min(rows, MEAN_BLOCK_BYTES // max(1, width * acc_dtype.itemsize)))
     total = torch.empty((step, width), dtype=acc_dtype)
-    buffers: dict[torch.dtype, torch.Tensor] = {}  # one reused read buffer per source dtype
+    source_dtypes = [source.dtype_of(name) for source in sources]
+    buffers = {d: torch.empty((step, width), dtype=d) for d in set(source_dtypes)}  # reused reads
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         acc = total[: stop - start]
-        for index, source in enumerate(sources):
-            source_dtype = source.dtype_of(name)
-            if source_dtype not in buffers:
-                buffers[source_dtype] = torch.empty((step, width), dtype=source_dtype)
+        for index, (source, source_dtype) in enumerate(zip(sources, source_dtypes, strict=True)):
             part = buffers[source_dtype][: stop - start]
             if len(shape) == 0:
                 source.read_into(name, part.view(()))
