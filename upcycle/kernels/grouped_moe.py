@@ -8,12 +8,25 @@ eager loop in `upcycle.model.moe.eager_experts`. Steps, for T tokens each routed
    contiguous and keep token order. Counts per expert by `scatter_add_` and their cumsum stay
    on the device: `torch.bincount` is avoided because on CUDA it reads the maximum back to the
    host, and no `.item()` / `.tolist()` is called on the fast path.
-2. Gather the token rows in that order, `h = act(x W_gate^T) ⊙ x W_up^T` with one grouped GEMM
-   for gate and up together (`w_in_EPD` = [E, 2F, D], gate rows first), then one grouped GEMM
-   with `w_down_EDF`.
+2. Gather the token rows in that order, `h = [x W_gate^T | x W_up^T]` with one grouped GEMM
+   for gate and up together (`w_in_EPD` = [E, 2F, D], gate rows first), `a = act(gate) ⊙ up`
+   (one fused kernel for SwiGLU, `upcycle.kernels.swiglu`), then one grouped GEMM with
+   `w_down_EDF`.
 3. Un-permute the rows and take the weighted sum over each token's K experts.
-Every backward pass is a permutation or a sum over K, never an atomic scatter-add with
-repeated indices: the result is deterministic on the GPU too.
+
+The backward pass is written out (`_GroupedExperts`) rather than left to autograd, for memory
+and for fewer passes over [A, ·] tensors. It keeps only x_TD and h_AP: the gradient reaching
+expert output row (t, k) is dL/dout_t itself (gathered once, g_AD), so
+
+    d_AF = g_AD W_down[e]                        (grouped GEMM)
+    dL/dw_tk = <d_tk, a_tk>,  dL/dh = act'(h) · (w_tk d_tk)   (one fused pass, `swiglu_backward`)
+    dW_down[e] = Σ g_a^T (w_a a_a),  dW_in[e] = Σ (dL/dh_a)^T x_a,  dx_AD = dL/dh W_in[e]
+
+with x_AD gathered again from x_TD and a_AF recomputed from h_AP. Compared with autograd over
+the forward graph this saves the [A, D] dispatched rows, the [A, F] activation and the [A, D]
+expert outputs: with 64 experts top-8 every token has K = 8 rows, so these are the layer's
+largest tensors (bench/RESULTS.md has the measured activation memory). Every backward step is a permutation, a GEMM or a
+sum over K, never an atomic scatter-add with repeated indices: deterministic on the GPU too.
 
 What runs where (`grouped_mm_available`):
 - CUDA, compute capability 9.x/10.x (H100, H200, B200), bf16, torch ≥ 2.8: `torch._grouped_mm`,
@@ -38,6 +51,8 @@ from collections.abc import Callable
 
 import torch
 from torch.torch_version import TorchVersion
+
+from upcycle.kernels import swiglu
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BMM_COMBINE_MIN_K = 8
@@ -114,26 +129,148 @@ def grouped_linear(
     return torch.cat(segments)
 
 
-class _DispatchRows(torch.autograd.Function):
-    """x_AD = x_TD[order_A // K]: each token's row once per assignment, in expert order.
+def grouped_weight_grad(
+    g_AO: torch.Tensor,
+    x_AI: torch.Tensor,
+    offsets_E: torch.Tensor | None,
+    split_sizes: list[int] | None,
+    num_experts: int,
+) -> torch.Tensor:
+    """dW_EOI: Σ over the rows of expert e of g_a^T x_a (the weight gradient of `grouped_linear`).
 
-    The plain `index_select` backward would scatter-add K rows into each token with atomics
-    (order-dependent on the GPU). Here the backward un-permutes the gradient with `inverse_A`
-    and sums each token's K rows: deterministic, and no [A, D] broadcast copy in the forward.
+    Experts without rows get zeros. `offsets_E` selects `torch._grouped_mm` with the offsets on
+    the reduced dimension; otherwise a segment loop over `split_sizes`.
+    """
+    if offsets_E is not None:
+        return torch._grouped_mm(g_AO.t(), x_AI, offs=offsets_E)
+    assert split_sizes is not None
+    segments = [
+        g_cO.t() @ x_cI for g_cO, x_cI in zip(g_AO.split(split_sizes), x_AI.split(split_sizes), strict=True)
+    ]
+    if not segments:
+        return g_AO.new_zeros(num_experts, g_AO.shape[1], x_AI.shape[1])
+    return torch.stack(segments)
+
+
+def _combine(y_AD: torch.Tensor, inverse_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """out_TD = Σ_k weights[t, k] · y[row of (t, k)]: un-permute, then the weighted sum over K.
+
+    A batched [1, K] × [K, D] product skips the [A, D] temporary of multiply-and-sum; on an H100
+    (bf16) it was 4% faster at K = 8 but 5–30% slower at K = 2 and 4, hence the switch.
+    """
+    T, K = weights_TK.shape
+    y_TKD = y_AD.index_select(0, inverse_A).view(T, K, y_AD.shape[1])
+    if K >= _BMM_COMBINE_MIN_K:
+        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+    return (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1)
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """The whole routed-expert computation with a backward pass written out (see `grouped_moe`).
+
+    Saved for backward: the layer input x_TD (kept alive by the caller anyway), the first GEMM's
+    output h_AP, the routing permutation and the weights. Not saved: the dispatched rows x_AD
+    (gathered again from x_TD), the activation a_AF (recomputed from h_AP, fused with its
+    gradient for SwiGLU) and the expert outputs y_AD: the combine weights' gradient is
+    <dL/dout_t, y_tk> = <W_down^T dL/dout_t, a_tk>, which the backward pass has at hand.
+    Every backward step is a permutation, a GEMM or a sum over K (no atomic scatter-add with
+    repeated indices): deterministic on the GPU too.
     """
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, order_A: torch.Tensor, inverse_A: torch.Tensor, top_k: int):
-        ctx.save_for_backward(inverse_A)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, torch.div(order_A, top_k, rounding_mode="floor"))
+    def forward(
+        ctx,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        w_in_EPD: torch.Tensor,
+        w_down_EDF: torch.Tensor,
+        order_A: torch.Tensor,
+        inverse_A: torch.Tensor,
+        offsets_E: torch.Tensor | None,
+        split_sizes: list[int] | None,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+        gated: bool,
+    ) -> torch.Tensor:
+        K = weights_TK.shape[1]
+        token_A = torch.div(order_A, K, rounding_mode="floor")
+        x_AD = x_TD.index_select(0, token_A)
+        h_AP = grouped_linear(x_AD, w_in_EPD, offsets_E, split_sizes)
+        del x_AD
+        a_AF = _activate(h_AP, activation, gated)
+        y_AD = grouped_linear(a_AF, w_down_EDF, offsets_E, split_sizes)
+        del a_AF
+        ctx.save_for_backward(
+            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, h_AP, offsets_E
+        )
+        ctx.split_sizes, ctx.activation, ctx.gated = split_sizes, activation, gated
+        return _combine(y_AD, inverse_A, weights_TK)
 
     @staticmethod
-    def backward(ctx, grad_AD: torch.Tensor):
-        (inverse_A,) = ctx.saved_tensors
-        A, D = grad_AD.shape
-        grad_TKD = grad_AD.index_select(0, inverse_A).view(A // ctx.top_k, ctx.top_k, D)
-        return grad_TKD.sum(dim=1), None, None, None
+    def backward(ctx, grad_TD: torch.Tensor):
+        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, h_AP, offsets_E = (
+            ctx.saved_tensors
+        )
+        split_sizes, activation, gated = ctx.split_sizes, ctx.activation, ctx.gated
+        T, K = weights_TK.shape
+        E = w_in_EPD.shape[0]
+        grad_TD = grad_TD.contiguous()
+        # dL/dy for each assignment, before its combine weight: the output gradient of its token.
+        g_AD = grad_TD.index_select(0, token_A)
+        d_AF = grouped_linear(g_AD, w_down_EDF.transpose(-2, -1), offsets_E, split_sizes)
+        w_A = weights_TK.reshape(-1).index_select(0, order_A)
+        dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated)
+        del d_AF
+        grad_w_down = grad_w_in = grad_x = grad_weights = None
+        if ctx.needs_input_grad[3]:
+            grad_w_down = grouped_weight_grad(g_AD, a_w_AF, offsets_E, split_sizes, E)
+        del g_AD, a_w_AF
+        if ctx.needs_input_grad[2]:
+            x_AD = x_TD.index_select(0, token_A)
+            grad_w_in = grouped_weight_grad(dh_AP, x_AD, offsets_E, split_sizes, E)
+            del x_AD
+        if ctx.needs_input_grad[0]:
+            dx_AD = grouped_linear(dh_AP, w_in_EPD.transpose(-2, -1), offsets_E, split_sizes)
+            grad_x = dx_AD.index_select(0, inverse_A).view(T, K, x_TD.shape[1]).sum(dim=1)
+        if ctx.needs_input_grad[1]:
+            grad_weights = dw_A.index_select(0, inverse_A).view(T, K).to(weights_TK.dtype)
+        return grad_x, grad_weights, grad_w_in, grad_w_down, None, None, None, None, None, None
+
+
+def _is_silu(activation: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    return activation is torch.nn.functional.silu
+
+
+def _activate(
+    h_AP: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor], gated: bool
+) -> torch.Tensor:
+    if gated and _is_silu(activation):
+        return swiglu.swiglu_forward(h_AP)
+    if gated:
+        gate_AF, up_AF = h_AP.chunk(2, dim=-1)
+        return activation(gate_AF) * up_AF
+    return activation(h_AP)
+
+
+def _activate_backward(
+    h_AP: torch.Tensor,
+    d_AF: torch.Tensor,
+    w_A: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dh_AP, dL/dw_A, w·a_AF) from the un-weighted output gradient d_AF of the activation."""
+    if gated and _is_silu(activation):
+        return swiglu.swiglu_backward(h_AP, d_AF, w_A)
+    # Any other activation: recompute it under autograd and differentiate.
+    with torch.enable_grad():
+        h_leaf = h_AP.detach().requires_grad_()
+        a_AF = _activate(h_leaf, activation, gated)
+        w_A1 = w_A.to(a_AF.dtype)[:, None]
+        (dh_AP,) = torch.autograd.grad(a_AF, h_leaf, d_AF * w_A1)
+    compute = torch.promote_types(a_AF.dtype, torch.float32)
+    a_AF = a_AF.detach()
+    dw_A = (d_AF.to(compute) * a_AF.to(compute)).sum(dim=-1)
+    return dh_AP, dw_A, a_AF * w_A1
 
 
 def grouped_moe(
@@ -148,7 +285,8 @@ def grouped_moe(
     """Σ_k weights[t, k] · expert_{indices[t, k]}(x_t) for every token t, as out_TD.
 
     `weights_TK` must already have the dtype of `x_TD`. Experts that receive no token are fine
-    (empty groups); their weight gradients are zero.
+    (empty groups); their weight gradients are zero. Forward and backward are written out in
+    `_GroupedExperts`, which keeps about one [A, P] tensor per layer for backward.
     """
     T, K = indices_TK.shape
     E, _, D = w_in_EPD.shape
@@ -163,21 +301,6 @@ def grouped_moe(
     native = grouped_mm_available(x_TD.device, x_TD.dtype, (D, F))
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32) if native else None
     split_sizes = None if native else counts_E.tolist()
-
-    x_AD = _DispatchRows.apply(x_TD, order_A, inverse_A, K)
-    h_AP = grouped_linear(x_AD, w_in_EPD, offsets_E, split_sizes)
-    if gated:
-        gate_AF, up_AF = h_AP.chunk(2, dim=-1)
-        h_AF = activation(gate_AF) * up_AF
-    else:
-        h_AF = activation(h_AP)
-    y_AD = grouped_linear(h_AF, w_down_EDF, offsets_E, split_sizes)
-
-    # Back to token order (a permutation: its backward has no colliding indices), then the
-    # weighted sum over K. A batched [1, K] × [K, D] product skips the [A, D] temporary of
-    # multiply-and-sum; on an H100 (bf16, fwd+bwd) it was 4% faster at K = 8 but 5–30% slower
-    # at K = 2 and 4, hence the switch.
-    y_TKD = y_AD.index_select(0, inverse_A).view(T, K, D)
-    if K >= _BMM_COMBINE_MIN_K:
-        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
-    return (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1)
+    return _GroupedExperts.apply(
+        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, split_sizes, activation, gated
+    )

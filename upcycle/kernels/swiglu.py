@@ -1,0 +1,173 @@
+"""SwiGLU between the two grouped GEMMs of the expert path: one pass forward, one pass backward.
+
+Used by `upcycle.kernels.grouped_moe` for gated SiLU experts (Mixtral, Llama, Qwen). With
+h = [gate | up] (rows of width 2F, gate columns first), w a per-row combine weight and
+d the gradient arriving at the expert output *before* the combine weight is applied:
+
+    forward:   a = silu(gate) ⊙ up
+    backward:  dw   = Σ_f d ⊙ a                       (the combine weight's gradient, fp32)
+               da   = w · d
+               dh   = [da ⊙ up ⊙ σ(gate)(1 + gate(1 − σ(gate))) | da ⊙ silu(gate)]
+               a_w  = w · a                            (the down projection's weight-gradient input)
+
+so the backward pass recomputes `a` from `h` instead of keeping it, and produces in one read of h
+and d everything the two weight-gradient GEMMs and the input-gradient GEMM need. Unfused, the
+same work is a chain of element-wise kernels that each read and write A×F or A×2F tensors
+(perf.md: the glue between the GEMMs is what separates the grouped path from a dense layer).
+
+Two implementations of each function, one result:
+- Triton kernels (`*_triton`) on CUDA tensors in eager mode, when Triton is importable; the
+  arithmetic runs in fp32 registers and rounds once on store.
+- torch expressions (`*_torch`) everywhere else: CPU, fp64, and under `torch.compile`, where
+  inductor fuses them itself. They compute in fp32 (fp64 stays fp64).
+tests/test_swiglu.py checks both against an fp64 reference (the Triton kernels through Triton's
+CPU interpreter when no GPU is present, and on the GPU machine).
+
+Shape letters: A rows (expert assignments), F expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: the CPU wheels of torch do not bring it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+_BLOCK_F = 1024
+
+
+def use_triton(h_A2F: torch.Tensor) -> bool:
+    """True where the Triton kernels run: eager mode, CUDA, a float dtype Triton stores."""
+    return (
+        not torch.compiler.is_compiling()
+        and triton is not None
+        and h_A2F.is_cuda
+        and h_A2F.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------- torch versions
+
+
+def swiglu_forward_torch(h_A2F: torch.Tensor) -> torch.Tensor:
+    gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate_AF) * up_AF
+
+
+def swiglu_backward_torch(
+    h_A2F: torch.Tensor, d_AF: torch.Tensor, w_A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh_A2F, dw_A, a_w_AF) as in the module docstring; dw_A in fp32 (fp64 for fp64)."""
+    compute = _compute_dtype(h_A2F.dtype)
+    gate_AF, up_AF = (t.to(compute) for t in h_A2F.chunk(2, dim=-1))
+    sigmoid_AF = torch.sigmoid(gate_AF)
+    silu_AF = gate_AF * sigmoid_AF
+    a_AF = silu_AF * up_AF
+    d_AF = d_AF.to(compute)
+    w_A1 = w_A.to(compute)[:, None]
+    dw_A = (d_AF * a_AF).sum(dim=-1)
+    da_AF = d_AF * w_A1
+    dgate_AF = da_AF * up_AF * sigmoid_AF * (1 + gate_AF * (1 - sigmoid_AF))
+    dh_A2F = torch.cat([dgate_AF, da_AF * silu_AF], dim=-1).to(h_A2F.dtype)
+    return dh_A2F, dw_A, (a_AF * w_A1).to(h_A2F.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton versions
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_forward_kernel(h_ptr, a_ptr, F, stride_h, stride_a, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < F
+        gate = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + row * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
+        a = gate * tl.sigmoid(gate) * up
+        tl.store(a_ptr + row * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_backward_kernel(
+        h_ptr, d_ptr, w_ptr, dh_ptr, dw_ptr, aw_ptr, F, stride_h, stride_d, stride_dh, stride_aw,
+        BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        w = tl.load(w_ptr + row).to(tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for block in range(NUM_BLOCKS):  # a constant trip count (one compilation per width F)
+            cols = block * BLOCK + tl.arange(0, BLOCK)
+            mask = cols < F
+            gate = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(h_ptr + row * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            a = silu * up
+            acc += d * a
+            da = d * w
+            dgate = da * up * sig * (1.0 + gate * (1.0 - sig))
+            out_ty = dh_ptr.dtype.element_ty
+            tl.store(dh_ptr + row * stride_dh + cols, dgate.to(out_ty), mask=mask)
+            tl.store(dh_ptr + row * stride_dh + F + cols, (da * silu).to(out_ty), mask=mask)
+            tl.store(aw_ptr + row * stride_aw + cols, (a * w).to(aw_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw_ptr + row, tl.sum(acc, axis=0))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` with unit column stride (the kernels index rows by stride, columns densely)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def swiglu_forward_triton(h_A2F: torch.Tensor) -> torch.Tensor:
+    h_A2F = _rows(h_A2F)
+    A, F2 = h_A2F.shape
+    F = F2 // 2
+    a_AF = torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
+    if A:
+        block = min(_BLOCK_F, triton.next_power_of_2(F))
+        _swiglu_forward_kernel[(A, triton.cdiv(F, block))](
+            h_A2F, a_AF, F, h_A2F.stride(0), a_AF.stride(0), BLOCK=block
+        )
+    return a_AF
+
+
+def swiglu_backward_triton(
+    h_A2F: torch.Tensor, d_AF: torch.Tensor, w_A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h_A2F, d_AF, w_A = _rows(h_A2F), _rows(d_AF), w_A.contiguous()
+    A, F2 = h_A2F.shape
+    F = F2 // 2
+    dh_A2F = torch.empty_like(h_A2F)
+    dw_A = torch.empty(A, dtype=torch.float32, device=h_A2F.device)
+    aw_AF = torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
+    if A:
+        block = min(_BLOCK_F, triton.next_power_of_2(F))
+        _swiglu_backward_kernel[(A,)](
+            h_A2F, d_AF, w_A, dh_A2F, dw_A, aw_AF, F,
+            h_A2F.stride(0), d_AF.stride(0), dh_A2F.stride(0), aw_AF.stride(0),
+            BLOCK=block, NUM_BLOCKS=triton.cdiv(F, block),
+        )  # fmt: skip
+    return dh_A2F, dw_A, aw_AF
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def swiglu_forward(h_A2F: torch.Tensor) -> torch.Tensor:
+    return swiglu_forward_triton(h_A2F) if use_triton(h_A2F) else swiglu_forward_torch(h_A2F)
+
+
+def swiglu_backward(
+    h_A2F: torch.Tensor, d_AF: torch.Tensor, w_A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(h_A2F):
+        return swiglu_backward_triton(h_A2F, d_AF, w_A)
+    return swiglu_backward_torch(h_A2F, d_AF, w_A)
