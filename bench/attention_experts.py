@@ -208,15 +208,27 @@ class Variant:
     cudnn: bool
     flops: int
     query_weight: Callable[[nn.Module], torch.Tensor]
+    compiled: bool = False
 
     def forward(
         self, module: nn.Module, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         if self.implementation is not None:
             module.implementation = self.implementation
+        call = _compiled(module) if self.compiled else module
         with cudnn_only() if self.cudnn else contextlib.nullcontext():
-            out = module(u, cos, sin, None)
+            out = call(u, cos, sin, None)
         return out[0] if isinstance(out, tuple) else out
+
+
+_COMPILED: dict[int, nn.Module] = {}
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    """One `torch.compile` wrapper per module (same parameters), made on first use."""
+    if id(module) not in _COMPILED:
+        _COMPILED[id(module)] = torch.compile(module, dynamic=False)
+    return _COMPILED[id(module)]
 
 
 def build_modules(case: Case, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -229,7 +241,9 @@ def build_modules(case: Case, device: torch.device, dtype: torch.dtype) -> dict[
     return {name: module.to(dtype).train() for name, module in modules.items()}
 
 
-def variants(case: Case, modules: dict[str, nn.Module], with_cudnn: bool) -> list[Variant]:
+def variants(
+    case: Case, modules: dict[str, nn.Module], with_cudnn: bool, with_compile: bool = False
+) -> list[Variant]:
     dense_q = lambda m: m.q_proj.weight  # noqa: E731
     moa_q = lambda m: m.experts.q_proj  # noqa: E731
     out = [Variant("dense", modules["dense"], None, False, case.flops(0, False), dense_q)]
@@ -244,6 +258,14 @@ def variants(case: Case, modules: dict[str, nn.Module], with_cudnn: bool) -> lis
         for kv in ("expert-KV", "shared-KV"):
             flops = case.flops(case.E, kv == "shared-KV")
             out.append(Variant(f"moa {kv} wide cudnn", modules[kv], "wide", True, flops, moa_q))
+    if with_compile:
+        # Both sides compiled: the target compares MoA with a dense block built the same way.
+        out.append(
+            Variant("dense compiled", modules["dense"], None, False, case.flops(0, False), dense_q, True)
+        )
+        for kv in ("expert-KV", "shared-KV"):
+            flops = case.flops(case.E, kv == "shared-KV")
+            out.append(Variant(f"moa {kv} wide compiled", modules[kv], "wide", False, flops, moa_q, True))
     return out
 
 
@@ -263,6 +285,7 @@ def check(
     """Output, dL/du and dL/dW_q of the bf16 variant against the fp32 eager reference module."""
     ref_variant = copy.copy(variant)
     ref_variant.cudnn = False
+    ref_variant.compiled = False
     ref_variant.implementation = None if variant.implementation is None else "eager"
     u32 = u.detach().float().requires_grad_()
     reference_module.zero_grad(set_to_none=True)
@@ -355,13 +378,17 @@ def targets_table(rows: list[Row]) -> list[str]:
         "moa shared-KV wide",
         "moa expert-KV wide cudnn",
         "moa shared-KV wide cudnn",
+        "moa expert-KV wide compiled",
+        "moa shared-KV wide compiled",
     ):
         row = named.get(name)
         if row is None:
             continue
-        value = ratio(row.tflops, dense.tflops if dense else None)
+        base = named.get("dense compiled") if name.endswith("compiled") else dense
+        value = ratio(row.tflops, base.tflops if base else None)
         verdict = "n/a" if value is None else ("MET" if value >= TARGET_WIDE else "MISSED")
-        lines.append(f"| {name} | {fmt(value, '.2f')} | ≥ {TARGET_WIDE} | {verdict} |")
+        against = " (÷ dense compiled)" if name.endswith("compiled") else ""
+        lines.append(f"| {name}{against} | {fmt(value, '.2f')} | ≥ {TARGET_WIDE} | {verdict} |")
     cudnn_dense = named.get("dense cudnn")
     if cudnn_dense is not None and dense is not None:
         lines.append(
@@ -383,6 +410,7 @@ def run(argv: list[str] | None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median taken); ≥ 15")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-cudnn", action="store_true", help="skip the rows that request cuDNN attention")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (a test)")
     args = parser.parse_args(argv)
@@ -394,6 +422,7 @@ def run(argv: list[str] | None) -> int:
         # Tiny ops: one thread avoids OpenMP spinning on a shared 2-core CI machine.
         torch.set_num_threads(1)
         device, case, steps, warmup, with_cudnn = torch.device("cpu"), SMOKE_CASE, 2, 1, False
+        with_compile = False
     else:
         if not torch.cuda.is_available():
             print("attention_experts: no CUDA GPU; use --cpu-smoke for the CPU smoke run", file=sys.stderr)
@@ -402,6 +431,7 @@ def run(argv: list[str] | None) -> int:
             parser.error("perf.md asks for the median of at least 15 timed steps")
         device, case, steps, warmup = torch.device("cuda"), GPU_CASE, args.steps, args.warmup
         with_cudnn = not args.no_cudnn
+        with_compile = not args.no_compile
     assert not torch.backends.cuda.matmul.allow_tf32, "the fp32 reference must not run in tf32"
     env = environment(device)
     log("attention_experts: " + " ".join(f"{k}={v}" for k, v in env.items()))
@@ -413,7 +443,7 @@ def run(argv: list[str] | None) -> int:
     references = {name: copy.deepcopy(module).float() for name, module in modules.items()}
     reference_of = {id(module): references[name] for name, module in modules.items()}
     rows: list[Row] = []
-    all_variants = variants(case, modules, with_cudnn)
+    all_variants = variants(case, modules, with_cudnn, with_compile)
 
     # ---- correctness first, at the check size, on fresh inputs
     cos_c, sin_c = rope_tables(case, case.check_B, case.check_S, device, dtype)

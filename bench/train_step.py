@@ -196,7 +196,8 @@ def timed(device: torch.device, run) -> float:
     return begin.elapsed_time(end) / 1000
 
 
-def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Row:
+def build_step(name: str, config: ModelConfig, args, device: torch.device):
+    """The model of case `name` and the callable that runs one training step on it."""
     bf16 = device.type == "cuda"
     if name.startswith("hf-"):
         model = hf_mixtral(config, device)
@@ -204,25 +205,29 @@ def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Ro
             # bf16 weights (perf.md's anchor, presumably): _grouped_mm is not on autocast's
             # cast lists, so with fp32 master weights transformers' expert GEMMs run in fp32
             model = model.to(torch.bfloat16)
-        paths = {"hf grouped_mm" if bf16 else "hf eager"}
         if args.compile:
             for layer in model.model.layers:
                 layer.compile()
-        step = HFStep(model, device)
-    else:
-        model = init_weights(Transformer(config), seed=0).to(device).train()
-        paths = moe_paths(model)
-        if args.compile:
-            compile_blocks(model)
-        optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4), device)
-        step = TrainStep(
-            model,
-            optimizer,
-            WarmupCosine(1e-4, 0, 10**9, 1.0),
-            Distributed(device=device),
-            clip_grad_norm=1.0,
-            autocast_dtype=torch.bfloat16 if bf16 else None,
-        )
+        return model, HFStep(model, device)
+    model = init_weights(Transformer(config), seed=0).to(device).train()
+    if args.compile:
+        compile_blocks(model)
+    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4), device)
+    step = TrainStep(
+        model,
+        optimizer,
+        WarmupCosine(1e-4, 0, 10**9, 1.0),
+        Distributed(device=device),
+        clip_grad_norm=1.0,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+    )
+    return model, step
+
+
+def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Row:
+    bf16 = device.type == "cuda"
+    model, step = build_step(name, config, args, device)
+    paths = {"hf grouped_mm" if bf16 else "hf eager"} if name.startswith("hf-") else moe_paths(model)
     batches = random_batches(config, args.warmup + args.steps, args.batch, args.seq_len, device)
     if bf16:
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,253 @@
+"""Where the GPU time of one benchmark step goes: kernels and kernel classes under torch.profiler.
+
+The evidence behind bench/RESULTS.md's speed findings (issue 8: "for anything missed the profile
+evidence of where the time goes"). It builds one case exactly as the timing benchmark does,
+runs warm-up steps, then profiles `--steps` steps and prints, per step:
+
+- the total GPU kernel time and the wall time of the profiled steps;
+- kernel time by class: GEMM (cuBLAS / CUTLASS / nvjet), grouped GEMM (CUTLASS grouped kernels
+  behind `torch._grouped_mm`), attention (flash / cuDNN / efficient), Triton (inductor's
+  fused kernels), copies and fills, reductions and sorting (index, scatter, sort, cumsum, ...),
+  other element-wise kernels;
+- the top kernels by time, with calls per step.
+
+Cases:
+- `moe S1|S2|S3`: `bench/moe_layer.py`'s ours grouped layer (add `--compile` for the compiled
+  block), forward + backward; `dense S1|S2|S3`: its dense_ref of the same FLOPs.
+- `attention dense|expert-KV|shared-KV`: `bench/attention_experts.py`'s blocks (wide MoA).
+- `step mixtral|dense|btx4|hf-mixtral-bf16`: `bench/train_step.py`'s whole training step.
+
+Usage (GPU):  python bench/gpu_profile.py moe S2 [--compile] [--steps 3] [--top 25] [--json PATH]
+CPU smoke:    python bench/gpu_profile.py --cpu-smoke   (tiny shapes on the CPU, for the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH.parent) not in sys.path:
+    sys.path.insert(0, str(BENCH.parent))
+
+# Kernel classes, first match wins (kernel names of CUDA 12/13 libraries on Hopper).
+CLASSES: list[tuple[str, re.Pattern[str]]] = [
+    ("grouped GEMM", re.compile(r"grouped|GroupProblemShape|ptr_array|PtrArray", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|cudnn|sdpa", re.I)),
+    ("GEMM", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|wgmma|cublas|matmul", re.I)),
+    ("Triton (fused)", re.compile(r"^triton_|^fused_", re.I)),
+    ("copy / fill", re.compile(r"copy|memcpy|memset|fill|cat|CatArray|contiguous", re.I)),
+    (
+        "index / scatter / sort / scan",
+        re.compile(r"index|scatter|gather|sort|radix|scan|cumsum|topk|bitonic|segmented", re.I),
+    ),
+    ("reduction", re.compile(r"reduce|norm|softmax|sum|max|mean", re.I)),
+]
+OTHER = "element-wise / other"
+
+
+def classify(name: str) -> str:
+    for label, pattern in CLASSES:
+        if pattern.search(name):
+            return label
+    return OTHER
+
+
+@dataclass
+class Profile:
+    case: str
+    steps: int
+    wall_ms_per_step: float
+    kernel_ms_per_step: float
+    by_class: dict[str, float] = field(default_factory=dict)
+    top: list[dict[str, object]] = field(default_factory=list)
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def moe_case(shape_name: str, dense: bool, compiled: bool, device: torch.device, smoke: bool):
+    moe_layer = load_bench("moe_layer")
+    shapes = moe_layer.SMOKE_SHAPES if smoke else moe_layer.SHAPES
+    shape = shapes[shape_name]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    if dense:
+        module = moe_layer.build_dense(shape, device, dtype)
+        params, forward = list(module.parameters()), module
+    else:
+        weights = moe_layer.Weights.random(shape, device, dtype)
+        module = moe_layer.build_ours(shape, weights, "grouped", device)
+        if compiled:
+            module = torch.compile(module, dynamic=False)
+        params = weights.parameters()
+
+        def forward(x, module=module):
+            return module(x)[0]
+
+    x = torch.randn(shape.T, shape.D, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(shape.T, shape.D, device=device, dtype=dtype)
+
+    def step() -> None:
+        for param in params:
+            param.grad = None
+        x.grad = None
+        forward(x).backward(g)
+
+    return step
+
+
+def attention_case(variant: str, compiled: bool, device: torch.device, smoke: bool):
+    attention = load_bench("attention_experts")
+    case = attention.SMOKE_CASE if smoke else attention.GPU_CASE
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    modules = attention.build_modules(case, device, dtype)
+    module = modules[variant]
+    if variant != "dense":
+        module.implementation = "wide"
+    call = torch.compile(module, dynamic=False) if compiled else module
+    u = torch.randn(case.B, case.S, case.D, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(case.B, case.S, case.D, device=device, dtype=dtype)
+    cos, sin = attention.rope_tables(case, case.B, case.S, device, dtype)
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        u.grad = None
+        out = call(u, cos, sin, None)
+        (out[0] if isinstance(out, tuple) else out).backward(g)
+
+    return step
+
+
+def step_case(case: str, compiled: bool, device: torch.device, smoke: bool):
+    train_step = load_bench("train_step")
+    args = argparse.Namespace(compile=compiled, batch=2 if smoke else 8, seq_len=32 if smoke else 2048)
+    config = train_step.case_configs(smoke)[case]
+    _, runner = train_step.build_step(case, config, args, device)
+    batches = train_step.random_batches(config, 1, args.batch, args.seq_len, device)
+    counter = iter(range(1, 10**9))
+    return lambda: runner(next(counter), [batches[0]])
+
+
+def profile(step: Callable[[], object], device: torch.device, warmup: int, steps: int, top: int, case: str):
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = (time.perf_counter() - start) / steps * 1000
+    totals: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for event in prof.events():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+        elif event.cpu_parent is not None or not event.name.startswith("aten::"):
+            continue
+        duration = event.device_time if device.type == "cuda" else event.cpu_time
+        totals[event.name] += duration / 1000 / steps
+        calls[event.name] += 1
+    kernel_ms = sum(totals.values())
+    by_class: dict[str, float] = defaultdict(float)
+    for name, ms in totals.items():
+        by_class[classify(name)] += ms
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return Profile(
+        case=case,
+        steps=steps,
+        wall_ms_per_step=wall,
+        kernel_ms_per_step=kernel_ms,
+        by_class=dict(sorted(by_class.items(), key=lambda item: -item[1])),
+        top=[
+            {"kernel": name, "class": classify(name), "ms": ms, "calls": calls[name] / steps}
+            for name, ms in ranked
+        ],
+    )
+
+
+def report(result: Profile) -> list[str]:
+    total = result.kernel_ms_per_step or 1.0
+    lines = [
+        f"## {result.case}: {result.kernel_ms_per_step:.2f} ms of kernels per step "
+        f"(wall {result.wall_ms_per_step:.2f} ms per step, {result.steps} profiled steps)",
+        "",
+        "| class | ms / step | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {label} | {ms:.3f} | {100 * ms / total:.1f}% |" for label, ms in result.by_class.items()]
+    lines += ["", "| kernel | class | ms / step | share | calls / step |", "|---|---|---|---|---|"]
+    for row in result.top:
+        name = str(row["kernel"])
+        short = name if len(name) <= 110 else name[:107] + "..."
+        lines.append(
+            f"| `{short}` | {row['class']} | {row['ms']:.3f} | {100 * row['ms'] / total:.1f}% | "
+            f"{row['calls']:g} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", nargs="?", choices=["moe", "dense", "attention", "step"])
+    parser.add_argument("case", nargs="?", help="S1/S2/S3; dense/expert-KV/shared-KV; mixtral/...")
+    parser.add_argument("--compile", action="store_true", help="profile the torch.compiled version")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny cases on the CPU (a test)")
+    args = parser.parse_args(argv)
+    smoke = args.cpu_smoke
+    device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    if smoke:
+        jobs = [("moe", "tiny-fine"), ("dense", "tiny"), ("attention", "expert-KV"), ("step", "mixtral")]
+        args.steps, args.warmup = 1, 1
+    elif args.what is None or args.case is None:
+        parser.error("name what to profile, e.g. `moe S2` or `step mixtral`")
+    else:
+        jobs = [(args.what, args.case)]
+    results = []
+    for what, case in jobs:
+        if what in ("moe", "dense"):
+            step = moe_case(case, what == "dense", args.compile, device, smoke)
+        elif what == "attention":
+            step = attention_case(case, args.compile, device, smoke)
+        else:
+            step = step_case(case, args.compile, device, smoke)
+        label = f"{what} {case}{' compiled' if args.compile else ''} on {device.type}"
+        results.append(profile(step, device, args.warmup, args.steps, args.top, label))
+    for result in results:
+        print("\n".join(report(result)))
+        print()
+    if args.json is not None:
+        args.json.write_text(json.dumps([result.__dict__ for result in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

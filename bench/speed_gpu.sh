@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The speed issue's GPU session in one command (device tool): GPU tests, profiles, layer,
+# attention and whole-step benchmarks; every output lands in $OUT (default runs/speed).
+# Usage: bash bench/speed_gpu.sh [parts...]   parts: tests gemm profile layer attention step tuned
+# (default: all but tuned). Each part runs under its own time limit so one slow part cannot
+# stop the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/speed}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+parts=("$@")
+[ "${#parts[@]}" -eq 0 ] && parts=(tests gemm profile layer attention step)
+has() { [[ " ${parts[*]} " == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+if has tests; then
+  timeout 240 bash bench/gpu_tests.sh > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt"
+fi
+if has gemm; then
+  timeout 90 python3 bench/grouped_gemm.py --no-autotune --json "$OUT/gemm.json" > "$OUT/gemm.txt" 2>&1
+  tail -20 "$OUT/gemm.txt"
+fi
+if has profile; then
+  for c in "moe S2" "dense S2" "moe S3 --compile" "dense S3" "attention dense" "attention expert-KV" \
+    "step mixtral --compile"; do
+    timeout 100 python3 bench/gpu_profile.py $c --top 30 >> "$OUT/profile.md" 2>> "$OUT/profile_err.txt"
+  done
+  grep -A12 "^## " "$OUT/profile.md" | grep -v "^|---"
+fi
+if has layer; then
+  timeout 300 python3 bench/moe_layer.py --json "$OUT/moe_layer.json" > "$OUT/moe_layer.txt" 2>&1
+  grep -A40 "^| shape | implementation" "$OUT/moe_layer.txt" | head -60
+fi
+if has attention; then
+  timeout 150 python3 bench/attention_experts.py --no-cudnn --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
+  tail -22 "$OUT/attention.txt"
+fi
+if has step; then
+  for c in "mixtral --compile" "mixtral" "hf-mixtral-bf16" "hf-mixtral-bf16 --compile"; do
+    timeout 150 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 --cases $c \
+      --json "$OUT/step_$(echo $c | tr -d ' -').json" 2>&1 | tail -1 >> "$OUT/step.txt"
+  done
+  cat "$OUT/step.txt"
+fi
+if has tuned; then
+  timeout 150 python3 bench/grouped_gemm.py --shapes S2 --json "$OUT/gemm_tuned.json" > "$OUT/gemm_tuned.txt" 2>&1
+  tail -8 "$OUT/gemm_tuned.txt"
+fi
