@@ -63,7 +63,7 @@ def test_torch_versions_match_fp64_autograd(dtype, tolerance, A, F_) -> None:
 INTERPRETED = textwrap.dedent(
     """
     import torch
-    from upcycle.kernels import swiglu
+    from upcycle.kernels import combine, swiglu
     from tests.test_swiglu import close, inputs, reference
 
     for A, F_ in ((5, 3), (9, 1100), (0, 8)):
@@ -78,6 +78,21 @@ INTERPRETED = textwrap.dedent(
         # strided input rows (a column slice), as a view of a wider tensor would be
         wide = torch.cat([h, torch.zeros(A, 3)], dim=1)[:, : 2 * F_]
         assert torch.equal(swiglu.swiglu_forward_triton(wide), a)
+        # in place: dh over h, a·w over d, the same values
+        h2, d2 = h.clone(), d.clone()
+        dh2, dw2, aw2 = swiglu.swiglu_backward_triton(h2, d2, w, in_place=True)
+        assert dh2.data_ptr() == h2.data_ptr() and aw2.data_ptr() == d2.data_ptr()
+        assert torch.equal(dh2, dh) and torch.equal(dw2, dw) and torch.equal(aw2, aw)
+    for T, K, D in ((6, 2, 5), (4, 8, 1030), (0, 2, 4)):
+        generator = torch.Generator().manual_seed(T + K)
+        src = torch.randn(T * K, D, generator=generator)
+        index = torch.randperm(T * K, generator=generator)
+        weights = torch.rand(T, K, generator=generator)
+        for w in (weights, None):
+            expected = src.double()[index].view(T, K, D)
+            expected = (expected * (1 if w is None else w.double()[..., None])).sum(1)
+            for got in (combine.gather_sum_triton(src, index, w, K), combine.gather_sum_torch(src, index, w, K)):
+                assert got.shape == (T, D) and close(got, expected) < 1e-6 if T else got.shape == (0, D)
     print("interpreted ok")
     """
 )
@@ -177,6 +192,22 @@ def test_triton_kernels_on_gpu_match_fp64() -> None:
             a_ref, dh_ref, dw_ref, aw_ref = (t.cpu() for t in reference(h, d, w))
             for actual, expected in ((a, a_ref), (dh, dh_ref), (dw, dw_ref), (aw, aw_ref)):
                 assert close(actual.cpu(), expected) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_second_backward_through_the_in_place_path_is_refused_clearly() -> None:
+    x, weights, indices, w_in, w_down = (
+        t.cuda().to(torch.bfloat16) if t.is_floating_point() else t.cuda()
+        for t in routed(256, 8, 2, 64, 128, torch.float32, seed=9)
+    )
+    x.requires_grad_()
+    out = grouped_moe(x, weights, indices, w_in, w_down, F.silu, True)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(
+        RuntimeError, match=r"retain_graph=True or double backward set moe\.implementation: eager"
+    ):
+        out.sum().backward()
 
 
 @pytest.mark.gpu

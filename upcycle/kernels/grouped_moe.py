@@ -53,9 +53,9 @@ import torch
 from torch.torch_version import TorchVersion
 
 from upcycle.kernels import swiglu
+from upcycle.kernels.combine import gather_sum
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BMM_COMBINE_MIN_K = 8
 
 
 @functools.cache
@@ -152,19 +152,6 @@ def grouped_weight_grad(
     return torch.stack(segments)
 
 
-def _combine(y_AD: torch.Tensor, inverse_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """out_TD = Σ_k weights[t, k] · y[row of (t, k)]: un-permute, then the weighted sum over K.
-
-    A batched [1, K] × [K, D] product skips the [A, D] temporary of multiply-and-sum; on an H100
-    (bf16) it was 4% faster at K = 8 but 5–30% slower at K = 2 and 4, hence the switch.
-    """
-    T, K = weights_TK.shape
-    y_TKD = y_AD.index_select(0, inverse_A).view(T, K, y_AD.shape[1])
-    if K >= _BMM_COMBINE_MIN_K:
-        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
-    return (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1)
-
-
 class _GroupedExperts(torch.autograd.Function):
     """The whole routed-expert computation with a backward pass written out (see `grouped_moe`).
 
@@ -175,6 +162,11 @@ class _GroupedExperts(torch.autograd.Function):
     <dL/dout_t, y_tk> = <W_down^T dL/dout_t, a_tk>, which the backward pass has at hand.
     Every backward step is a permutation, a GEMM or a sum over K (no atomic scatter-add with
     repeated indices): deterministic on the GPU too.
+
+    With the Triton SwiGLU kernels (CUDA, eager), h_AP is held on `ctx` instead of saved, and the
+    backward pass writes dL/dh over it: the layer's backward then never holds more than h_AP,
+    one [A, D] tensor and one [A, F] tensor at once. The price is that this backward can run
+    once only (no `retain_graph=True`), which a second call reports.
     """
 
     @staticmethod
@@ -199,27 +191,42 @@ class _GroupedExperts(torch.autograd.Function):
         a_AF = _activate(h_AP, activation, gated)
         y_AD = grouped_linear(a_AF, w_down_EDF, offsets_E, split_sizes)
         del a_AF
+        ctx.in_place = gated and _is_silu(activation) and swiglu.use_triton(h_AP)
+        ctx.h_AP = h_AP if ctx.in_place else None
+        saved_h = None if ctx.in_place else h_AP
         ctx.save_for_backward(
-            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, h_AP, offsets_E
+            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, saved_h, offsets_E
         )
         ctx.split_sizes, ctx.activation, ctx.gated = split_sizes, activation, gated
-        return _combine(y_AD, inverse_A, weights_TK)
+        return gather_sum(y_AD, inverse_A, weights_TK, K)
 
     @staticmethod
     def backward(ctx, grad_TD: torch.Tensor):
         x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, h_AP, offsets_E = (
             ctx.saved_tensors
         )
+        if ctx.in_place:
+            if ctx.h_AP is None:
+                raise RuntimeError(
+                    "the grouped MoE path reuses its saved activation during backward, so it can be "
+                    "differentiated once only; for retain_graph=True or double backward set "
+                    "moe.implementation: eager"
+                )
+            h_AP, ctx.h_AP = ctx.h_AP, None
         split_sizes, activation, gated = ctx.split_sizes, ctx.activation, ctx.gated
         T, K = weights_TK.shape
         E = w_in_EPD.shape[0]
-        grad_TD = grad_TD.contiguous()
+        # The output gradient in the dtype the experts computed in (autocast may hand fp32).
+        grad_TD = grad_TD.to(x_TD.dtype).contiguous()
         # dL/dy for each assignment, before its combine weight: the output gradient of its token.
         g_AD = grad_TD.index_select(0, token_A)
         d_AF = grouped_linear(g_AD, w_down_EDF.transpose(-2, -1), offsets_E, split_sizes)
         w_A = weights_TK.reshape(-1).index_select(0, order_A)
-        dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated)
-        del d_AF
+        if ctx.in_place:
+            dh_AP, dw_A, a_w_AF = swiglu.swiglu_backward(h_AP, d_AF, w_A, in_place=True)
+        else:
+            dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated)
+        del d_AF, h_AP
         grad_w_down = grad_w_in = grad_x = grad_weights = None
         if ctx.needs_input_grad[3]:
             grad_w_down = grouped_weight_grad(g_AD, a_w_AF, offsets_E, split_sizes, E)
@@ -230,7 +237,8 @@ class _GroupedExperts(torch.autograd.Function):
             del x_AD
         if ctx.needs_input_grad[0]:
             dx_AD = grouped_linear(dh_AP, w_in_EPD.transpose(-2, -1), offsets_E, split_sizes)
-            grad_x = dx_AD.index_select(0, inverse_A).view(T, K, x_TD.shape[1]).sum(dim=1)
+            del dh_AP
+            grad_x = gather_sum(dx_AD, inverse_A, None, K)
         if ctx.needs_input_grad[1]:
             grad_weights = dw_A.index_select(0, inverse_A).view(T, K).to(weights_TK.dtype)
         return grad_x, grad_weights, grad_w_in, grad_w_down, None, None, None, None, None, None

@@ -140,14 +140,18 @@ def swiglu_forward_triton(h_A2F: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward_triton(
-    h_A2F: torch.Tensor, d_AF: torch.Tensor, w_A: torch.Tensor
+    h_A2F: torch.Tensor, d_AF: torch.Tensor, w_A: torch.Tensor, in_place: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`in_place`: write dh over h and a·w over d (each element is read before it is written,
+    by the same program), so the backward pass allocates neither; the caller gives up h and d."""
+    if in_place and not (h_A2F.is_contiguous() and d_AF.is_contiguous()):
+        raise ValueError("swiglu_backward_triton(in_place=True) needs contiguous h and d")
     h_A2F, d_AF, w_A = _rows(h_A2F), _rows(d_AF), w_A.contiguous()
     A, F2 = h_A2F.shape
     F = F2 // 2
-    dh_A2F = torch.empty_like(h_A2F)
+    dh_A2F = h_A2F if in_place else torch.empty_like(h_A2F)
     dw_A = torch.empty(A, dtype=torch.float32, device=h_A2F.device)
-    aw_AF = torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
+    aw_AF = d_AF if in_place else torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
     if A:
         block = min(_BLOCK_F, triton.next_power_of_2(F))
         _swiglu_backward_kernel[(A,)](
@@ -166,8 +170,10 @@ def swiglu_forward(h_A2F: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(
-    h_A2F: torch.Tensor, d_AF: torch.Tensor, w_A: torch.Tensor
+    h_A2F: torch.Tensor, d_AF: torch.Tensor, w_A: torch.Tensor, in_place: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh_A2F, dw_A, a_w_AF). `in_place` lets the Triton kernel reuse the memory of h and d for
+    dh and a·w (the torch version always allocates)."""
     if use_triton(h_A2F):
-        return swiglu_backward_triton(h_A2F, d_AF, w_A)
+        return swiglu_backward_triton(h_A2F, d_AF, w_A, in_place=in_place)
     return swiglu_backward_torch(h_A2F, d_AF, w_A)
