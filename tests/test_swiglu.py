@@ -93,6 +93,19 @@ INTERPRETED = textwrap.dedent(
             expected = (expected * (1 if w is None else w.double()[..., None])).sum(1)
             for got in (combine.gather_sum_triton(src, index, w, K), combine.gather_sum_torch(src, index, w, K)):
                 assert got.shape == (T, D) and close(got, expected) < 1e-6 if T else got.shape == (0, D)
+    # the MoA gate's row scaling: forward and the one-pass backward against autograd in fp64
+    generator = torch.Generator().manual_seed(11)
+    for R, W in ((37, 16), (5, 128), (0, 8)):
+        x = torch.randn(R, W, generator=generator, requires_grad=True)
+        s = torch.rand(R, generator=generator, requires_grad=True)
+        dy = torch.randn(R, W, generator=generator)
+        y = combine._ScaleRows.apply(x, s)
+        y.backward(dy)
+        x64, s64 = x.detach().double().requires_grad_(), s.detach().double().requires_grad_()
+        (x64 * s64[:, None]).backward(dy.double())
+        assert torch.equal(y.detach(), x.detach() * s.detach()[:, None])
+        if R:
+            assert close(x.grad, x64.grad) < 1e-6 and close(s.grad, s64.grad) < 1e-6
     print("interpreted ok")
     """
 )
@@ -192,6 +205,25 @@ def test_triton_kernels_on_gpu_match_fp64() -> None:
             a_ref, dh_ref, dw_ref, aw_ref = (t.cpu() for t in reference(h, d, w))
             for actual, expected in ((a, a_ref), (dh, dh_ref), (dw, dw_ref), (aw, aw_ref)):
                 assert close(actual.cpu(), expected) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scale_rows_on_gpu_matches_fp64() -> None:
+    from upcycle.kernels.combine import scale_rows
+
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(8192, 128, generator=generator)
+    s = torch.rand(8192, generator=generator)
+    dy = torch.randn(8192, 128, generator=generator)
+    x16, s16 = (t.cuda().to(torch.bfloat16).requires_grad_() for t in (x, s))
+    y = scale_rows(x16, s16)
+    assert y.grad_fn is not None and "ScaleRows" in type(y.grad_fn).__name__
+    y.backward(dy.cuda().to(torch.bfloat16))
+    x64, s64 = x16.detach().double().cpu().requires_grad_(), s16.detach().double().cpu().requires_grad_()
+    (x64 * s64[:, None]).backward(dy.cuda().to(torch.bfloat16).double().cpu())
+    assert close(y.detach().float().cpu(), (x64 * s64[:, None]).detach()) < 1e-2
+    assert close(x16.grad.float().cpu(), x64.grad) < 1e-2 and close(s16.grad.float().cpu(), s64.grad) < 1e-2
 
 
 @pytest.mark.gpu

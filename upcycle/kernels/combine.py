@@ -80,3 +80,64 @@ def gather_sum(
     if use_triton(src_AD):
         return gather_sum_triton(src_AD, index_A, weights_TK, K)
     return gather_sum_torch(src_AD, index_A, weights_TK, K)
+
+
+# ----------------------------------------------------------------------------- row scaling
+#
+# BAM's soft gate multiplies every head row of expert j at token t by g_j(t):
+#     y[r] = s[r] · x[r],   dx[r] = s[r] · dy[r],   ds[r] = <dy[r], x[r]>
+# Autograd's backward of the broadcast multiply writes the [rows, Dh] product dy ⊙ x and then
+# reduces it; the kernel below reads dy and x once and writes dx and ds directly.
+
+if triton is not None:
+
+    @triton.jit
+    def _scale_rows_backward_kernel(
+        dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, R, W, stride_dy, stride_x, stride_dx,
+        ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        row_mask = rows < R
+        mask = row_mask[:, None] & (cols[None, :] < W)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(
+            dx_ptr + rows[:, None] * stride_dx + cols[None, :],
+            (dy * s[:, None]).to(dx_ptr.dtype.element_ty),
+            mask=mask,
+        )
+        tl.store(ds_ptr + rows, tl.sum(dy * x, axis=1), mask=row_mask)
+
+
+class _ScaleRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RW: torch.Tensor, s_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_RW, s_R)
+        return x_RW * s_R[:, None]
+
+    @staticmethod
+    def backward(ctx, dy_RW: torch.Tensor):
+        x_RW, s_R = ctx.saved_tensors
+        dy_RW = dy_RW if dy_RW.stride(-1) == 1 else dy_RW.contiguous()
+        R, W = x_RW.shape
+        dx_RW = torch.empty_like(dy_RW, memory_format=torch.contiguous_format)
+        ds_R = torch.empty(R, dtype=torch.float32, device=x_RW.device)
+        if R:
+            rows = 16
+            _scale_rows_backward_kernel[(triton.cdiv(R, rows),)](
+                dy_RW, x_RW, s_R, dx_RW, ds_R, R, W, dy_RW.stride(0), x_RW.stride(0), dx_RW.stride(0),
+                ROWS=rows, BLOCK=triton.next_power_of_2(W),
+            )  # fmt: skip
+        return dx_RW, ds_R.to(s_R.dtype)
+
+
+def scale_rows(x_RW: torch.Tensor, s_R: torch.Tensor) -> torch.Tensor:
+    """x_RW · s_R[:, None]: each row times its scalar, with a one-pass backward on CUDA (eager).
+
+    Rows must be at most 1024 wide (attention heads); anything else takes the plain multiply.
+    """
+    if use_triton(x_RW) and x_RW.shape[1] <= 1024 and x_RW.stride(-1) == 1 and s_R.is_contiguous():
+        return _ScaleRows.apply(x_RW, s_R)
+    return x_RW * s_R[:, None]

@@ -9,9 +9,12 @@ the experts' heads:
 
 This file holds what differs from a dense attention: the head layout and the two wide GEMMs.
 
-1. `project_qkv`: one GEMM with the concatenated weights of every expert's Q, K and V.
+1. `project_qkv`: every expert's Q, K and V. With expert-KV (and no biases) the wide head order
+   is the parameters' own row order, so Q, K and V are three GEMMs on views of the weights;
+   otherwise one GEMM with the weights concatenated (and Q's rows permuted for shared-KV).
 2. (the caller normalises, rotates and calls SDPA once with E·H query heads)
-3. `gate_and_project_out`: multiply the heads of expert j at position t by g_j(u_t), then one
+3. `gate_and_project_out`: multiply the heads of expert j at position t by g_j(u_t)
+   (`upcycle.kernels.combine.scale_rows`, whose backward is one pass on the GPU), then one
    GEMM with the concatenated output projections [W_o^1 … W_o^E].
 
 Head order. SDPA's grouped-query convention (`enable_gqa`, and the kernels behind it) is that
@@ -24,7 +27,7 @@ query head i reads KV head i // (Hq / Hkv): consecutive query heads share a KV h
   [Hk, E, r], wide head (h // r)·E·r + e·r + h % r. The weight rows of W_q and the columns of
   W_o are permuted into this order when they are concatenated, so the activations never are.
 
-The concatenations copy the weights once per call (E·(H + 2·Hk)·Dh·D elements): small next to
+Where they are needed, the concatenations copy the weights once per call (E·(H + 2·Hk)·Dh·D elements): small next to
 the GEMMs for any realistic token count, and it keeps the parameters in their natural per-expert
 layout for checkpoints and recipes.
 
@@ -39,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from upcycle.kernels.combine import scale_rows
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,12 @@ def project_qkv(
     """
     E, H, Dh = layout.num_experts, layout.num_heads, layout.head_dim
     D = u_BSD.shape[-1]
+    X, Y = layout.wide_heads, layout.wide_kv_heads
+    if not layout.share_kv and q_bias is None:
+        # Expert-major heads are the parameters' own row order: three GEMMs on views of the
+        # weights, no per-call concatenation (and no split of its gradient) at all.
+        q_BSN, k_BSN, v_BSN = (F.linear(u_BSD, w.reshape(-1, D)) for w in (q_proj_END, k_proj, v_proj))
+        return q_BSN.unflatten(-1, (X, Dh)), k_BSN.unflatten(-1, (Y, Dh)), v_BSN.unflatten(-1, (Y, Dh))
     w_q_XDhD = layout.to_wide_heads(q_proj_END.view(E, H, Dh, D), 0)
     w_qkv_ND = torch.cat([w_q_XDhD.reshape(-1, D), k_proj.reshape(-1, D), v_proj.reshape(-1, D)])
     b_qkv_N = None
@@ -101,7 +112,6 @@ def project_qkv(
         b_q_XDh = layout.to_wide_heads(q_bias.view(E, H, Dh), 0)
         b_qkv_N = torch.cat([b_q_XDh.reshape(-1), k_bias.reshape(-1), v_bias.reshape(-1)])
     qkv_BSN = F.linear(u_BSD, w_qkv_ND, b_qkv_N)
-    X, Y = layout.wide_heads, layout.wide_kv_heads
     q_BSN, k_BSN, v_BSN = qkv_BSN.split([X * Dh, Y * Dh, Y * Dh], dim=-1)
     return q_BSN.unflatten(-1, (X, Dh)), k_BSN.unflatten(-1, (Y, Dh)), v_BSN.unflatten(-1, (Y, Dh))
 
@@ -121,7 +131,11 @@ def gate_and_project_out(
     E, H = layout.num_experts, layout.num_heads
     D = o_proj_EDN.shape[1]
     gate_BSX = layout.to_wide_heads(gate_BSE[..., None].expand(B, S, E, H), 2)
-    gated_BSXDh = heads_BXSDh.transpose(1, 2) * gate_BSX[..., None]
+    heads_BSXDh = heads_BXSDh.transpose(1, 2)
+    if heads_BSXDh.is_contiguous():  # SDPA's kernels return [B, S, X, Dh] memory: one row per head
+        gated_BSXDh = scale_rows(heads_BSXDh.view(-1, Dh), gate_BSX.reshape(-1)).view(B, S, X, Dh)
+    else:
+        gated_BSXDh = heads_BSXDh * gate_BSX[..., None]
     w_o_EHDhD = o_proj_EDN.view(E, D, H, Dh).permute(0, 2, 3, 1)
     w_o_ND = layout.to_wide_heads(w_o_EHDhD, 0).reshape(X * Dh, D)
     out_BSD = F.linear(gated_BSXDh.reshape(B, S, X * Dh), w_o_ND.T)
