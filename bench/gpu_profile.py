@@ -165,7 +165,10 @@ def profile(step: Callable[[], object], device: torch.device, warmup: int, steps
     calls: dict[str, int] = defaultdict(int)
     for event in prof.events():
         if device.type == "cuda":
-            if event.device_type != torch.autograd.DeviceType.CUDA:
+            # user annotations (`Optimizer.step#AdamW.step`, ...) span kernels already counted
+            if event.device_type != torch.autograd.DeviceType.CUDA or getattr(
+                event, "is_user_annotation", False
+            ):
                 continue
         elif event.cpu_parent is not None or not event.name.startswith("aten::"):
             continue

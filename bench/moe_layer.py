@@ -65,6 +65,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from upcycle.kernels import grouped_moe as grouped_moe_kernel  # noqa: E402
 from upcycle.model.config import ModelConfig  # noqa: E402
 from upcycle.model.mlp import GatedMLP  # noqa: E402
 from upcycle.model.moe import MoE  # noqa: E402
@@ -492,6 +493,18 @@ def run_shape(
         Impl("ours grouped", ours_forward(ours["grouped"]), moe_params, weights.w_in, "ours"),
         Impl("ours grouped skew", ours_forward(ours["grouped"]), moe_params, weights.w_in, "skew", "skew"),
     ]
+    if shape.E <= grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS:
+        # The same layer with the weight gradients left to torch._grouped_mm (the default below
+        # the expert limit is one cuBLAS GEMM per expert): the evidence for that choice.
+        def all_grouped(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:
+            limit = grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS
+            grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = 0
+            try:
+                return moe(x)[0]
+            finally:
+                grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = limit
+
+        impls.append(Impl("ours grouped, grouped wgrad", all_grouped, moe_params, weights.w_in, "ours"))
     if compile_:
         compiled = torch.compile(ours["grouped"], dynamic=False)
         impls.append(Impl("ours grouped compiled", ours_forward(compiled), moe_params, weights.w_in, "ours"))

@@ -220,6 +220,7 @@ def build_step(name: str, config: ModelConfig, args, device: torch.device):
         Distributed(device=device),
         clip_grad_norm=1.0,
         autocast_dtype=torch.bfloat16 if bf16 else None,
+        compile_loss=args.compile,
     )
     return model, step
 

@@ -46,9 +46,9 @@ def inject(monkeypatch, kind: str, at_steps=(INJECT_AT_STEP,), micro_batches: in
     """Change the loss of every micro-batch of the given steps (calls are counted)."""
     calls = []
 
-    def loss_with_fault(output, labels_BS):
+    def loss_with_fault(output, labels_BS, *cross_entropy):
         calls.append(None)
-        parts = training_loss(output, labels_BS)
+        parts = training_loss(output, labels_BS, *cross_entropy)
         step = (len(calls) - 1) // micro_batches + 1
         if at_steps == "all" or step in at_steps:
             return LossParts(INJECTIONS[kind](parts.total), parts.lm, parts.aux_by_kind)

@@ -36,8 +36,8 @@ def _unshifted_labels(batch, device):
     return batch.input_ids_BS.to(device), batch.input_ids_BS.to(device)
 
 
-def _aux_not_differentiated(output, labels_BS):
-    parts = training_loss(output, labels_BS)
+def _aux_not_differentiated(output, labels_BS, *cross_entropy):
+    parts = training_loss(output, labels_BS, *cross_entropy)
     return LossParts(total=parts.lm, lm=parts.lm, aux_by_kind=parts.aux_by_kind)
 
 

@@ -138,18 +138,45 @@ def grouped_weight_grad(
 ) -> torch.Tensor:
     """dW_EOI: Σ over the rows of expert e of g_a^T x_a (the weight gradient of `grouped_linear`).
 
-    Experts without rows get zeros. `offsets_E` selects `torch._grouped_mm` with the offsets on
-    the reduced dimension; otherwise a segment loop over `split_sizes`.
+    Experts without rows get zeros. With `split_sizes` (host counts): one GEMM per expert on row
+    slices, written straight into its slot of the result; otherwise `torch._grouped_mm` with the
+    offsets on the reduced dimension.
     """
-    if offsets_E is not None:
+    if split_sizes is None:
+        assert offsets_E is not None
         return torch._grouped_mm(g_AO.t(), x_AI, offs=offsets_E)
-    assert split_sizes is not None
-    segments = [
-        g_cO.t() @ x_cI for g_cO, x_cI in zip(g_AO.split(split_sizes), x_AI.split(split_sizes), strict=True)
-    ]
-    if not segments:
-        return g_AO.new_zeros(num_experts, g_AO.shape[1], x_AI.shape[1])
-    return torch.stack(segments)
+    out_EOI = g_AO.new_empty(num_experts, g_AO.shape[1], x_AI.shape[1])
+    start = 0
+    for expert, rows in enumerate(split_sizes):
+        if rows:
+            torch.mm(g_AO[start : start + rows].t(), x_AI[start : start + rows], out=out_EOI[expert])
+        else:
+            out_EOI[expert].zero_()
+        start += rows
+    return out_EOI
+
+
+# Layers with at most this many experts compute their weight gradients with one cuBLAS GEMM
+# per expert instead of `torch._grouped_mm`: with few, large groups the grouped kernel's reduction
+# over rows was the slowest GEMM of the layer (H100, bench/grouped_gemm.py: 0.68 of a dense
+# GEMM at 8 experts of 14336, 0.87 at 8 of 8192; 0.86–0.97 at 64 experts, which keep it).
+# The per-expert counts reach the host by a copy started in the forward pass, so the backward
+# pass reads them without waiting for the GPU. 0 turns this off.
+WGRAD_LOOP_MAX_EXPERTS = 16
+
+
+class _HostCounts:
+    """Per-expert row counts on their way to pinned host memory (no host synchronisation)."""
+
+    def __init__(self, counts_E: torch.Tensor) -> None:
+        self.host_E = torch.empty(counts_E.shape, dtype=counts_E.dtype, pin_memory=True)
+        self.host_E.copy_(counts_E, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def sizes(self) -> list[int]:
+        self.ready.synchronize()  # long since done when the backward pass asks
+        return self.host_E.tolist()
 
 
 class _GroupedExperts(torch.autograd.Function):
@@ -182,6 +209,7 @@ class _GroupedExperts(torch.autograd.Function):
         split_sizes: list[int] | None,
         activation: Callable[[torch.Tensor], torch.Tensor],
         gated: bool,
+        host_counts: _HostCounts | None = None,
     ) -> torch.Tensor:
         K = weights_TK.shape[1]
         token_A = torch.div(order_A, K, rounding_mode="floor")
@@ -198,6 +226,7 @@ class _GroupedExperts(torch.autograd.Function):
             x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, saved_h, offsets_E
         )
         ctx.split_sizes, ctx.activation, ctx.gated = split_sizes, activation, gated
+        ctx.host_counts = host_counts
         return gather_sum(y_AD, inverse_A, weights_TK, K)
 
     @staticmethod
@@ -228,12 +257,15 @@ class _GroupedExperts(torch.autograd.Function):
             dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated)
         del d_AF, h_AP
         grad_w_down = grad_w_in = grad_x = grad_weights = None
+        wgrad_sizes = split_sizes
+        if wgrad_sizes is None and ctx.host_counts is not None:
+            wgrad_sizes = ctx.host_counts.sizes()
         if ctx.needs_input_grad[3]:
-            grad_w_down = grouped_weight_grad(g_AD, a_w_AF, offsets_E, split_sizes, E)
+            grad_w_down = grouped_weight_grad(g_AD, a_w_AF, offsets_E, wgrad_sizes, E)
         del g_AD, a_w_AF
         if ctx.needs_input_grad[2]:
             x_AD = x_TD.index_select(0, token_A)
-            grad_w_in = grouped_weight_grad(dh_AP, x_AD, offsets_E, split_sizes, E)
+            grad_w_in = grouped_weight_grad(dh_AP, x_AD, offsets_E, wgrad_sizes, E)
             del x_AD
         if ctx.needs_input_grad[0]:
             dx_AD = grouped_linear(dh_AP, w_in_EPD.transpose(-2, -1), offsets_E, split_sizes)
@@ -241,7 +273,7 @@ class _GroupedExperts(torch.autograd.Function):
             grad_x = gather_sum(dx_AD, inverse_A, None, K)
         if ctx.needs_input_grad[1]:
             grad_weights = dw_A.index_select(0, inverse_A).view(T, K).to(weights_TK.dtype)
-        return grad_x, grad_weights, grad_w_in, grad_w_down, None, None, None, None, None, None
+        return grad_x, grad_weights, grad_w_in, grad_w_down, None, None, None, None, None, None, None
 
 
 def _is_silu(activation: Callable[[torch.Tensor], torch.Tensor]) -> bool:
@@ -309,6 +341,25 @@ def grouped_moe(
     native = grouped_mm_available(x_TD.device, x_TD.dtype, (D, F))
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32) if native else None
     split_sizes = None if native else counts_E.tolist()
+    host_counts = None
+    if (
+        native
+        and x_TD.is_cuda
+        and E <= WGRAD_LOOP_MAX_EXPERTS
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
+        host_counts = _HostCounts(counts_E)
     return _GroupedExperts.apply(
-        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, split_sizes, activation, gated
+        x_TD,
+        weights_TK,
+        w_in_EPD,
+        w_down_EDF,
+        order_A,
+        inverse_A,
+        offsets_E,
+        split_sizes,
+        activation,
+        gated,
+        host_counts,
     )

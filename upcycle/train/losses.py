@@ -17,6 +17,7 @@ Shape letters: B batch, S sequence, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,15 @@ def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten())
 
 
-def training_loss(output: TransformerOutput, labels_BS: torch.Tensor) -> LossParts:
-    """Cross-entropy plus every aux loss; aux losses also summed per kind for logging."""
-    lm = lm_loss(output.logits, labels_BS)
+def training_loss(
+    output: TransformerOutput,
+    labels_BS: torch.Tensor,
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss,
+) -> LossParts:
+    """Cross-entropy plus every aux loss; aux losses also summed per kind for logging.
+
+    `cross_entropy` is `lm_loss` or a compiled copy of it (`TrainStep(compile_loss=True)`)."""
+    lm = cross_entropy(output.logits, labels_BS)
     aux_by_kind: dict[str, torch.Tensor] = {}
     for name, value in output.aux_losses.items():
         kind = aux_kind(name)

@@ -11,7 +11,8 @@ Order inside a step, and why:
    loss parts, the norm and the expert loads, summed over micro-batches and ranks;
 4. a non-finite loss or norm stops here, before the optimiser step (`NonFiniteLossError`
    names the step) or, with the skip policy, drops this step's update;
-5. clip to `clip_grad_norm` with the norm already computed, optimiser step, zero the gradients.
+5. clip to `clip_grad_norm` with the norm already computed, optimiser step, zero the gradients
+   (a fused AdamW applies the clipping factor as it reads each gradient: `_clip_and_step`).
 
 Shape letters: B batch, S sequence, E experts.
 """
@@ -31,7 +32,7 @@ from upcycle.model.moe import MoE
 from upcycle.model.router import Router
 from upcycle.train.distributed import Distributed, set_gradient_sync
 from upcycle.train.expert_parallel import clip_grads, grad_norm
-from upcycle.train.losses import training_loss
+from upcycle.train.losses import lm_loss, training_loss
 from upcycle.train.optim import set_learning_rate
 from upcycle.train.schedule import WarmupCosine
 
@@ -67,6 +68,14 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _folds_clipping(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor]) -> bool:
+    """True for a fused torch AdamW over plain (not DTensor, one-device) parameters."""
+    if type(optimizer) is not torch.optim.AdamW or not optimizer.defaults.get("fused"):
+        return False
+    devices = {p.device for p in parameters}
+    return len(devices) == 1 and all(type(p.data) is torch.Tensor for p in parameters)
+
+
 class TrainStep:
     """Callable `(step, micro_batches) -> StepResult` over a model and its optimiser."""
 
@@ -80,6 +89,7 @@ class TrainStep:
         clip_grad_norm: float | None,
         autocast_dtype: torch.dtype | None,
         nonfinite_policy: str = "stop",
+        compile_loss: bool = False,
     ) -> None:
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.distributed = distributed
@@ -88,6 +98,10 @@ class TrainStep:
         self.moe_layers = [(i, b.mlp) for i, b in enumerate(model.model.layers) if isinstance(b.mlp, MoE)]
         self.routers = [m for m in model.modules() if isinstance(m, Router)]
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        # `train.compile`: the cross-entropy over the vocabulary is compiled too (one fused pass
+        # forward and one backward instead of an fp32 copy of the logits and a softmax each way).
+        self.lm_loss = torch.compile(lm_loss, dynamic=False) if compile_loss else lm_loss
+        self.fold_clip = _folds_clipping(optimizer, self.trainable)
 
     def __call__(self, step: int, micro_batches: list[Batch]) -> StepResult:
         lr = self.schedule(step)
@@ -100,9 +114,7 @@ class TrainStep:
         passes = len(micro_batches) * self.distributed.world_size
         result = self._result(step, lr, values, aux_kinds, passes)
         if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
-            if self.clip_grad_norm is not None:
-                clip_grads(self.trainable, self.clip_grad_norm, norm)
-            self.optimizer.step()
+            self._clip_and_step(norm)
         elif self.nonfinite_policy == "stop":
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
@@ -115,6 +127,27 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         return result
 
+    def _clip_and_step(self, norm: torch.Tensor) -> None:
+        """Clip to `clip_grad_norm` with the norm already computed, then the optimiser step.
+
+        With a fused AdamW on plain tensors the clipping factor goes in as the optimiser's
+        `grad_scale` (the kernel divides each gradient by it as it reads it, and stores the
+        result back), which saves a separate read and write of every gradient.
+        """
+        if self.clip_grad_norm is None:
+            self.optimizer.step()
+        elif self.fold_clip:
+            # torch's rule: coef = min(1, max_norm / (norm + 1e-6)); the kernel divides by 1 / coef
+            divisor = torch.clamp((norm.detach().float() + 1e-6) / self.clip_grad_norm, min=1.0)
+            self.optimizer.grad_scale = divisor
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale
+        else:
+            clip_grads(self.trainable, self.clip_grad_norm, norm)
+            self.optimizer.step()
+
     def _forward_backward(self, micro_batches: list[Batch]) -> tuple[list[torch.Tensor], list[str]]:
         """Run every micro-batch; return detached sums [total, lm, aux kinds..., expert loads...]."""
         device = self.distributed.device
@@ -125,7 +158,7 @@ class TrainStep:
             input_ids_BS, labels_BS = model_inputs(batch, device)
             with autocast_context(device, self.autocast_dtype):
                 output = self.model(input_ids_BS)
-            parts = training_loss(output, labels_BS)
+            parts = training_loss(output, labels_BS, self.lm_loss)
             aux_kinds = sorted(parts.aux_by_kind)
             # Read before backward: activation checkpointing re-runs the forward in backward.
             stats = [parts.total, parts.lm, *(parts.aux_by_kind[k] for k in aux_kinds)]

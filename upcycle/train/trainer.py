@@ -147,6 +147,7 @@ class Trainer:
             clip_grad_norm=config.clip_grad_norm,
             autocast_dtype=self.autocast_dtype,
             nonfinite_policy=config.nonfinite.policy,
+            compile_loss=config.compile,
         )
         self.checkpointer = Checkpointer(
             output / "checkpoints", config.checkpoint.keep_last_k, distributed, plan.model_config

@@ -1,0 +1,75 @@
+"""The training step's fast paths compute what the plain ones do (upcycle/train/step.py):
+
+- clipping folded into a fused AdamW (`grad_scale`) against clip-then-step, with the norm above
+  and below `clip_grad_norm`: the same weights after three steps within fp32 rounding;
+- `compile_loss=True` (the cross-entropy under torch.compile) against the eager loss: the same
+  loss and gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+from upcycle.data import Batch
+from upcycle.model import ModelConfig, Transformer
+from upcycle.model.init import init_weights
+from upcycle.train import TrainStep, WarmupCosine
+from upcycle.train.distributed import Distributed
+
+CONFIG = ModelConfig(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    moe={"num_experts": 4, "top_k": 2, "routing": "topk_softmax", "aux_loss": "switch", "aux_loss_coef": 0.01},
+)  # fmt: skip
+
+
+def batches(count: int) -> list[Batch]:
+    generator = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(count):
+        tokens = torch.randint(0, CONFIG.vocab_size, (2, 17), generator=generator)
+        out.append(Batch(tokens[:, :-1], tokens[:, 1:], torch.zeros(2, dtype=torch.long)))
+    return out
+
+
+def run(fused: bool, clip: float, compile_loss: bool = False, steps: int = 3):
+    model = init_weights(Transformer(CONFIG), seed=0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    step = TrainStep(
+        model, optimizer, WarmupCosine(1e-2, 0, 10**6, 1.0), Distributed(device=torch.device("cpu")),
+        clip_grad_norm=clip, autocast_dtype=None, compile_loss=compile_loss,
+    )  # fmt: skip
+    results = [step(index + 1, [batch]) for index, batch in enumerate(batches(steps))]
+    return step, model, results
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3], ids=["clipping", "not-clipping"])
+def test_clipping_folded_into_fused_adamw_matches_clip_then_step(clip: float) -> None:
+    folded_step, folded, folded_results = run(fused=True, clip=clip)
+    plain_step, plain, plain_results = run(fused=False, clip=clip)
+    assert folded_step.fold_clip and not plain_step.fold_clip
+    assert not hasattr(folded_step.optimizer, "grad_scale")
+    for a, b in zip(folded_results, plain_results, strict=True):
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    clipped = [r.grad_norm > clip for r in plain_results]
+    assert all(clipped) if clip < 1 else not any(clipped)
+    for (name, p), q in zip(folded.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # and the folded step really differs from not clipping at all when the norm is above the limit
+    if clip < 1:
+        _, unclipped, _ = run(fused=True, clip=1e9)
+        assert any(
+            not torch.allclose(p, q) for p, q in zip(folded.parameters(), unclipped.parameters(), strict=True)
+        )
+
+
+def test_compiled_loss_matches_the_eager_loss() -> None:
+    torch._dynamo.reset()
+    _, compiled, compiled_results = run(fused=False, clip=1.0, compile_loss=True, steps=2)
+    _, eager, eager_results = run(fused=False, clip=1.0, steps=2)
+    for a, b in zip(compiled_results, eager_results, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
