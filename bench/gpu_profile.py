@@ -41,11 +41,13 @@ if str(BENCH.parent) not in sys.path:
     sys.path.insert(0, str(BENCH.parent))
 
 # Kernel classes, first match wins (kernel names of CUDA 12/13 libraries on Hopper).
+# Inductor names its kernels after the ops they fuse (`triton_poi_fused__grouped_mm_mul_silu...`
+# is element-wise glue next to a grouped GEMM, not a GEMM), so Triton comes first.
 CLASSES: list[tuple[str, re.Pattern[str]]] = [
+    ("Triton (fused)", re.compile(r"^triton_|^fused_", re.I)),
     ("grouped GEMM", re.compile(r"grouped|GroupProblemShape|ptr_array|PtrArray", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|cudnn|sdpa", re.I)),
     ("GEMM", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|wgmma|cublas|matmul", re.I)),
-    ("Triton (fused)", re.compile(r"^triton_|^fused_", re.I)),
     ("copy / fill", re.compile(r"copy|memcpy|memset|fill|cat|CatArray|contiguous", re.I)),
     (
         "index / scatter / sort / scan",

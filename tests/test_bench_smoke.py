@@ -70,3 +70,31 @@ def test_cpu_smoke_checks_times_and_prints_a_table(
 
     payload = json.loads(results.read_text())
     assert {row["ok"] for row in payload["rows"]} == {True}
+
+
+def test_profile_smoke_breaks_each_case_into_kernel_classes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    results = tmp_path / "profile.json"
+    assert load_script("gpu_profile").main(["--cpu-smoke", "--json", str(results)]) == 0
+    out = capsys.readouterr().out
+    payload = json.loads(results.read_text())
+    assert [p["case"].split()[0] for p in payload] == ["moe", "dense", "attention", "step"]
+    for profile in payload:
+        assert profile["kernel_ms_per_step"] > 0 and profile["top"]
+        assert sum(profile["by_class"].values()) == pytest.approx(profile["kernel_ms_per_step"])
+        assert f"## {profile['case']}" in out
+
+
+def test_profile_classifies_inductor_glue_apart_from_gemms() -> None:
+    classify = load_script("gpu_profile").classify
+    assert classify("triton_poi_fused__grouped_mm_mul_silu_split_transpose_18") == "Triton (fused)"
+    assert (
+        classify(
+            "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13GemmUniversalINS5_1GroupProblemShape"
+        )
+        == "grouped GEMM"
+    )
+    assert classify("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "GEMM"
+    assert classify("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
+    assert classify("void at::native::vectorized_gather_kernel<16, long>") == "index / scatter / sort / scan"
