@@ -3,6 +3,9 @@
 - `grouped_moe`: routed experts as two grouped GEMMs over expert-sorted tokens
   (`torch._grouped_mm` where it runs natively), without host synchronisation.
 - `wide_attention`: BAM's attention experts as one attention with E·H query heads.
+- `swiglu`, `combine`: the element-wise steps between those GEMMs (SwiGLU forward and backward,
+  gather-sums over each token's rows, row scaling) as Triton kernels on the GPU, each with the
+  torch version used everywhere else.
 
 Kernels take plain tensors and callables, never model modules or configs, so that `model/` can
 import them and not the other way round. This package imports nothing eagerly.

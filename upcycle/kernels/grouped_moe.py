@@ -34,6 +34,10 @@ What runs where (`grouped_mm_available`):
   fallback would copy the offsets to the host inside every call, so `auto` picks the eager loop.
 - CPU: `torch._grouped_mm` is used in fp32, bf16 and fp16 when this torch has a CPU kernel
   (torch 2.13 has one: a loop of matmuls in C++, forward and backward; probed once per dtype).
+- Weight gradients of layers with at most `WGRAD_LOOP_MAX_EXPERTS` experts on CUDA: one cuBLAS
+  GEMM per expert on row slices, with counts that reached the host during the forward pass.
+- Element-wise glue (SwiGLU, the combine's gather-sum): Triton kernels on CUDA in eager mode,
+  torch expressions elsewhere (`upcycle.kernels.swiglu`, `upcycle.kernels.combine`).
 - Anything else (fp64, older torch, widths D or F that are not multiples of 16 bytes as the
   kernel's strides require): a segment loop over `torch.split` of the sorted rows. It reads the
   per-expert counts back once per call (one host sync, free on the CPU); exact in fp64, which the
