@@ -122,12 +122,10 @@ def worker(args) -> None:
     from upcycle.model import Transformer
     from upcycle.model.flops import active_parameters, total_parameters, training_flops_per_token
     from upcycle.model.init import init_weights
-    from upcycle.train import TrainStep, WarmupCosine
     from upcycle.train.build import compile_blocks
-    from upcycle.train.config import OptimizerConfig
     from upcycle.train.distributed import Distributed, shard_model
     from upcycle.train.metrics import H100_BF16_MEASURED_FLOPS
-    from upcycle.train.optim import build_optimizer
+    from upcycle.train.step import benchmark_step
 
     distributed = Distributed.from_env()
     try:
@@ -138,15 +136,7 @@ def worker(args) -> None:
         shard_model(model, distributed, args.ep)
         if args.compile:
             compile_blocks(model)
-        optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4), device)
-        step = TrainStep(
-            model,
-            optimizer,
-            WarmupCosine(1e-4, 0, 10**9, 1.0),
-            distributed,
-            clip_grad_norm=1.0,
-            autocast_dtype=torch.bfloat16 if cuda else None,
-        )
+        step = benchmark_step(model, distributed, compile_loss=args.compile)
         generator = torch.Generator(device=device).manual_seed(1000 + distributed.rank)
         batches = []
         for _ in range(args.warmup + args.steps):

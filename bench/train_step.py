@@ -45,12 +45,10 @@ from upcycle.model import ModelConfig, Transformer
 from upcycle.model.flops import active_parameters, total_parameters, training_flops_per_token
 from upcycle.model.init import init_weights
 from upcycle.model.moe import MoE, autocast_dtype
-from upcycle.train import TrainStep, WarmupCosine
 from upcycle.train.build import compile_blocks
-from upcycle.train.config import OptimizerConfig
 from upcycle.train.distributed import Distributed
 from upcycle.train.metrics import H100_BF16_DATASHEET_FLOPS, H100_BF16_MEASURED_FLOPS
-from upcycle.train.optim import build_optimizer
+from upcycle.train.step import benchmark_step
 
 DENSE_110M = dict(
     vocab_size=32000,
@@ -212,17 +210,7 @@ def build_step(name: str, config: ModelConfig, args, device: torch.device):
     model = init_weights(Transformer(config), seed=0).to(device).train()
     if args.compile:
         compile_blocks(model)
-    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4), device)
-    step = TrainStep(
-        model,
-        optimizer,
-        WarmupCosine(1e-4, 0, 10**9, 1.0),
-        Distributed(device=device),
-        clip_grad_norm=1.0,
-        autocast_dtype=torch.bfloat16 if bf16 else None,
-        compile_loss=args.compile,
-    )
-    return model, step
+    return model, benchmark_step(model, Distributed(device=device), compile_loss=args.compile)
 
 
 def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Row:

@@ -190,3 +190,21 @@ class TrainStep:
             loads[layer] = [int(v) for v in rest[offset : offset + moe.num_experts]]
             offset += moe.num_experts
         return StepResult(step, total / passes, lm / passes, aux, values[-1], lr, expert_load=loads)
+
+
+def benchmark_step(model: nn.Module, distributed: Distributed, compile_loss: bool = False) -> TrainStep:
+    """The step bench/train_step.py and bench/scaling.py time: AdamW (fused on CUDA) at a constant
+    learning rate of 1e-4, clipping at 1.0, bf16 autocast on CUDA (fp32 elsewhere)."""
+    from upcycle.train.config import OptimizerConfig
+    from upcycle.train.optim import build_optimizer
+
+    device = distributed.device
+    return TrainStep(
+        model,
+        build_optimizer(model, OptimizerConfig(lr=1e-4), device),
+        WarmupCosine(1e-4, 0, 10**9, 1.0),
+        distributed,
+        clip_grad_norm=1.0,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        compile_loss=compile_loss,
+    )
