@@ -193,6 +193,26 @@ def test_grouped_path_saves_one_pre_activation_per_layer() -> None:
     assert all(leaf.grad is not None for leaf in leaves)
 
 
+def test_saved_tensor_hooks_are_seen_inside_activation_checkpointing() -> None:
+    """Under checkpointing the grouped path must save h normally (not hold it on ctx)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from upcycle.kernels.grouped_moe import saved_tensor_hooks_active
+
+    seen = []
+
+    def block(x):
+        seen.append(saved_tensor_hooks_active())
+        return x * 2
+
+    assert not saved_tensor_hooks_active()
+    x = torch.ones(3, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert seen and all(seen)  # the forward and its recomputation
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert saved_tensor_hooks_active()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernels_on_gpu_match_fp64() -> None:

@@ -194,8 +194,9 @@ class _GroupedExperts(torch.autograd.Function):
     Every backward step is a permutation, a GEMM or a sum over K (no atomic scatter-add with
     repeated indices): deterministic on the GPU too.
 
-    With the Triton SwiGLU kernels (CUDA, eager), h_AP is held on `ctx` instead of saved, and the
-    backward pass writes dL/dh over it: the layer's backward then never holds more than h_AP,
+    With the Triton SwiGLU kernels (CUDA, eager, no saved-tensor hooks such as activation
+    checkpointing), h_AP is held on `ctx` instead of saved, and the backward pass writes dL/dh
+    over it: the layer's backward then never holds more than h_AP,
     one [A, D] tensor and one [A, F] tensor at once. The price is that this backward can run
     once only (no `retain_graph=True`), which a second call reports.
     """
@@ -223,7 +224,9 @@ class _GroupedExperts(torch.autograd.Function):
         a_AF = _activate(h_AP, activation, gated)
         y_AD = grouped_linear(a_AF, w_down_EDF, offsets_E, split_sizes)
         del a_AF
-        ctx.in_place = gated and _is_silu(activation) and swiglu.use_triton(h_AP)
+        ctx.in_place = (
+            gated and _is_silu(activation) and swiglu.use_triton(h_AP) and not saved_tensor_hooks_active()
+        )
         ctx.h_AP = h_AP if ctx.in_place else None
         saved_h = None if ctx.in_place else h_AP
         ctx.save_for_backward(
@@ -278,6 +281,16 @@ class _GroupedExperts(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weights = dw_A.index_select(0, inverse_A).view(T, K).to(weights_TK.dtype)
         return grad_x, grad_weights, grad_w_in, grad_w_down, None, None, None, None, None, None, None
+
+
+def saved_tensor_hooks_active() -> bool:
+    """True inside `saved_tensors_hooks` (activation checkpointing, offloading to the CPU).
+
+    h_AP then goes through `save_for_backward`, so that the hooks can drop or move it; a tensor
+    held on `ctx` would stay on the GPU until backward. Unknown (a torch without the query): True.
+    """
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is None or top_hooks(False) is not None
 
 
 def _is_silu(activation: Callable[[torch.Tensor], torch.Tensor]) -> bool:
