@@ -55,10 +55,17 @@ def test_compiled_blocks_equal_eager(case):
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("hidden_act", "gated"),
+    [("silu", True), ("gelu", True), ("relu2", False)],
+    ids=["swiglu", "geglu", "relu2"],
+)
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_grouped_moe_layer_traces_into_one_graph_in_bf16(dynamic):
+def test_grouped_moe_layer_traces_into_one_graph_in_bf16(dynamic, hidden_act, gated):
+    """Forward and the written-out backward of every activation trace into one graph."""
     torch._dynamo.reset()
-    model = init_weights(Transformer(CASES["moe"]), seed=0)
+    config = ModelConfig(**{**BASE, "hidden_act": hidden_act}, moe={**MOE, "gated": gated})
+    model = init_weights(Transformer(config), seed=0)
     layer = model.model.layers[0].mlp.to(torch.bfloat16)
     x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
     assert layer.resolved_implementation(x.reshape(-1, 64)) == "grouped"

@@ -156,14 +156,24 @@ def test_grouped_backward_matches_the_eager_loop_in_fp64(activation, gated) -> N
     assert unused and grads[2][unused].abs().max() == 0 and grads[3][unused].abs().max() == 0
 
 
-def test_grouped_path_with_no_tokens() -> None:
-    """An expert-parallel rank can receive no assignment at all: zeros, not an error."""
-    x, weights, indices, w_in, w_down = routed(0, 4, 1, 8, 6, torch.float64, seed=8)
-    out, grads = gradients(
-        grouped_moe, x, weights, indices, w_in, w_down, F.silu, True, torch.zeros(0, 8, dtype=torch.float64)
-    )
-    assert out.shape == (0, 8) and grads[0].shape == (0, 8)
-    assert grads[2].abs().max() == 0 and grads[3].abs().max() == 0
+@pytest.mark.parametrize(("dtype", "E"), [(torch.float64, 4), (torch.float32, 32), (torch.bfloat16, 32)])
+def test_grouped_path_with_no_tokens(dtype, E) -> None:
+    """An expert-parallel rank can receive no assignment at all: zeros, not an error (fp64: the
+    segment loop; fp32 / bf16 with widths of 16 bytes: torch._grouped_mm)."""
+    x, weights, indices, w_in, w_down = routed(0, E, 1, 16, 8, dtype, seed=8)
+    g = torch.zeros(0, 16, dtype=dtype)
+    out, grads = gradients(grouped_moe, x, weights, indices, w_in, w_down, F.silu, True, g)
+    assert out.shape == (0, 16) and grads[0].shape == (0, 16)
+    assert grads[2].shape == w_in.shape and grads[2].abs().max() == 0 and grads[3].abs().max() == 0
+
+
+def test_second_order_gradients_are_refused_not_silently_wrong() -> None:
+    x, weights, indices, w_in, w_down = routed(6, 4, 2, 8, 6, torch.float64, seed=10)
+    x.requires_grad_()
+    out = grouped_moe(x, weights, indices, w_in, w_down, F.silu, True)
+    (dx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
 
 
 def test_grouped_path_saves_one_pre_activation_per_layer() -> None:
@@ -274,3 +284,20 @@ def test_grouped_bf16_gradients_on_gpu_match_the_fp32_eager_loop() -> None:
     assert close(out.float(), out_ref.double()) < 1e-2
     for name, grad, grad_ref in zip(("x", "weights", "w_in", "w_down"), grads, grads_ref, strict=True):
         assert close(grad.float(), grad_ref.double()) < 1e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_run_on_the_device_of_their_tensors_not_the_current_one() -> None:
+    """A model on cuda:1 while cuda:0 is current: Triton launches and the host-count event must
+    follow the tensors (gradients equal to the same computation on cuda:0)."""
+    data = routed(512, 8, 2, 64, 128, torch.float32, seed=13)
+    g = torch.randn(512, 64, generator=torch.Generator().manual_seed(14))
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        moved = [t.to(device).to(torch.bfloat16) if t.is_floating_point() else t.to(device) for t in data]
+        out, grads = gradients(grouped_moe, *moved, F.silu, True, g.to(device).to(torch.bfloat16))
+        results.append([out.cpu(), *(grad.cpu() for grad in grads)])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

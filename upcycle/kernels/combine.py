@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from upcycle.kernels.swiglu import tl, triton, use_triton
+from upcycle.kernels.swiglu import launch_device, tl, triton, use_triton
 
 _BLOCK_D = 1024
 # The torch version's switch: a batched [1, K] × [K, D] product skips the [A, D] temporary of
@@ -66,10 +66,11 @@ def gather_sum_triton(src_AD: torch.Tensor, index_A: torch.Tensor, weights_TK: t
     if T and D:
         block = min(_BLOCK_D, triton.next_power_of_2(D))
         weights = weights_TK.contiguous() if weights_TK is not None else index_A  # unused when absent
-        _gather_sum_kernel[(T, triton.cdiv(D, block))](
-            src_AD, index_A.contiguous(), weights, out_TD, D, src_AD.stride(0), out_TD.stride(0),
-            K=K, HAS_WEIGHTS=weights_TK is not None, BLOCK=block,
-        )  # fmt: skip
+        with launch_device(src_AD):
+            _gather_sum_kernel[(T, triton.cdiv(D, block))](
+                src_AD, index_A.contiguous(), weights, out_TD, D, src_AD.stride(0), out_TD.stride(0),
+                K=K, HAS_WEIGHTS=weights_TK is not None, BLOCK=block,
+            )  # fmt: skip
     return out_TD
 
 
@@ -118,6 +119,7 @@ class _ScaleRows(torch.autograd.Function):
         return x_RW * s_R[:, None]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy_RW: torch.Tensor):
         x_RW, s_R = ctx.saved_tensors
         dy_RW = dy_RW if dy_RW.stride(-1) == 1 else dy_RW.contiguous()
@@ -126,10 +128,11 @@ class _ScaleRows(torch.autograd.Function):
         ds_R = torch.empty(R, dtype=torch.float32, device=x_RW.device)
         if R:
             rows = 16
-            _scale_rows_backward_kernel[(triton.cdiv(R, rows),)](
-                dy_RW, x_RW, s_R, dx_RW, ds_R, R, W, dy_RW.stride(0), x_RW.stride(0), dx_RW.stride(0),
-                ROWS=rows, BLOCK=triton.next_power_of_2(W),
-            )  # fmt: skip
+            with launch_device(x_RW):
+                _scale_rows_backward_kernel[(triton.cdiv(R, rows),)](
+                    dy_RW, x_RW, s_R, dx_RW, ds_R, R, W, dy_RW.stride(0), x_RW.stride(0), dx_RW.stride(0),
+                    ROWS=rows, BLOCK=triton.next_power_of_2(W),
+                )  # fmt: skip
         return dx_RW, ds_R.to(s_R.dtype)
 
 

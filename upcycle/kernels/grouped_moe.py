@@ -146,6 +146,8 @@ def grouped_weight_grad(
     slices, written straight into its slot of the result; otherwise `torch._grouped_mm` with the
     offsets on the reduced dimension.
     """
+    if g_AO.shape[0] == 0:  # no rows at all (an expert-parallel rank that got no token)
+        return g_AO.new_zeros(num_experts, g_AO.shape[1], x_AI.shape[1])
     if split_sizes is None:
         assert offsets_E is not None
         return torch._grouped_mm(g_AO.t(), x_AI, offs=offsets_E)
@@ -176,7 +178,8 @@ class _HostCounts:
         self.host_E = torch.empty(counts_E.shape, dtype=counts_E.dtype, pin_memory=True)
         self.host_E.copy_(counts_E, non_blocking=True)
         self.ready = torch.cuda.Event()
-        self.ready.record()
+        # on the stream the copy ran on: that of the counts' device, not the current device
+        self.ready.record(torch.cuda.current_stream(counts_E.device))
 
     def sizes(self) -> list[int]:
         self.ready.synchronize()  # long since done when the backward pass asks
@@ -237,6 +240,7 @@ class _GroupedExperts(torch.autograd.Function):
         return gather_sum(y_AD, inverse_A, weights_TK, K)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TD: torch.Tensor):
         x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, h_AP, offsets_E = (
             ctx.saved_tensors
@@ -318,14 +322,12 @@ def _activate_backward(
     """(dL/dh_AP, dL/dw_A, w·a_AF) from the un-weighted output gradient d_AF of the activation."""
     if gated and _is_silu(activation):
         return swiglu.swiglu_backward(h_AP, d_AF, w_A)
-    # Any other activation: recompute it under autograd and differentiate.
-    with torch.enable_grad():
-        h_leaf = h_AP.detach().requires_grad_()
-        a_AF = _activate(h_leaf, activation, gated)
-        w_A1 = w_A.to(a_AF.dtype)[:, None]
-        (dh_AP,) = torch.autograd.grad(a_AF, h_leaf, d_AF * w_A1)
+    # Any other activation: recompute it and take its vector-Jacobian product (torch.func, which
+    # torch.compile traces into the same graph; torch.autograd.grad here would break it).
+    w_A1 = w_A.to(h_AP.dtype)[:, None]
+    a_AF, vjp = torch.func.vjp(lambda h: _activate(h, activation, gated), h_AP)
+    (dh_AP,) = vjp(d_AF * w_A1)
     compute = torch.promote_types(a_AF.dtype, torch.float32)
-    a_AF = a_AF.detach()
     dw_A = (d_AF.to(compute) * a_AF.to(compute)).sum(dim=-1)
     return dh_AP, dw_A, a_AF * w_A1
 

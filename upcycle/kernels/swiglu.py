@@ -28,6 +28,8 @@ Shape letters: A rows (expert assignments), F expert width.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:  # Triton is optional: the CPU wheels of torch do not bring it.
@@ -121,6 +123,12 @@ if triton is not None:
         tl.store(dw_ptr + row, tl.sum(acc, axis=0))
 
 
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the *current* CUDA device and stream; make that the device of `t`
+    (a model on cuda:1 while cuda:0 is current). CPU tensors (the interpreter): nothing to do."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """`t` with unit column stride (the kernels index rows by stride, columns densely)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -133,9 +141,10 @@ def swiglu_forward_triton(h_A2F: torch.Tensor) -> torch.Tensor:
     a_AF = torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
     if A:
         block = min(_BLOCK_F, triton.next_power_of_2(F))
-        _swiglu_forward_kernel[(A, triton.cdiv(F, block))](
-            h_A2F, a_AF, F, h_A2F.stride(0), a_AF.stride(0), BLOCK=block
-        )
+        with launch_device(h_A2F):
+            _swiglu_forward_kernel[(A, triton.cdiv(F, block))](
+                h_A2F, a_AF, F, h_A2F.stride(0), a_AF.stride(0), BLOCK=block
+            )
     return a_AF
 
 
@@ -154,11 +163,12 @@ def swiglu_backward_triton(
     aw_AF = d_AF if in_place else torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
     if A:
         block = min(_BLOCK_F, triton.next_power_of_2(F))
-        _swiglu_backward_kernel[(A,)](
-            h_A2F, d_AF, w_A, dh_A2F, dw_A, aw_AF, F,
-            h_A2F.stride(0), d_AF.stride(0), dh_A2F.stride(0), aw_AF.stride(0),
-            BLOCK=block, NUM_BLOCKS=triton.cdiv(F, block),
-        )  # fmt: skip
+        with launch_device(h_A2F):
+            _swiglu_backward_kernel[(A,)](
+                h_A2F, d_AF, w_A, dh_A2F, dw_A, aw_AF, F,
+                h_A2F.stride(0), d_AF.stride(0), dh_A2F.stride(0), aw_AF.stride(0),
+                BLOCK=block, NUM_BLOCKS=triton.cdiv(F, block),
+            )  # fmt: skip
     return dh_A2F, dw_A, aw_AF
 
 
