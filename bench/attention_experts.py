@@ -36,15 +36,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,8 +48,11 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchlib import environment, fmt, ratio, relative_error, synchronize, time_calls  # noqa: E402
 
 from upcycle.model.attention import Attention  # noqa: E402
 from upcycle.model.config import ModelConfig  # noqa: E402
@@ -128,67 +126,6 @@ class Row:
 
 
 # ----------------------------------------------------------------------------- environment
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("UPCYCLE_COMMIT", "unknown")
-
-
-def environment(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-    return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Milliseconds of each of `steps` calls after `warmup`: CUDA events on a GPU, else a clock."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    if device.type != "cuda":
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)
-    ]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.float(), expected.float()
-    if not torch.isfinite(actual).all():
-        return float("nan")
-    return float((actual - expected).norm() / expected.norm())
 
 
 def cudnn_only() -> contextlib.AbstractContextManager:
@@ -339,14 +276,6 @@ def measure(
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def ratio(num: float | None, den: float | None) -> float | None:
-    return None if num is None or den is None or den == 0 else num / den
 
 
 def results_table(rows: list[Row]) -> list[str]:

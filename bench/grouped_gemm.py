@@ -27,25 +27,19 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import time_calls
+
 SHAPES = {  # D, F, E, K, T as bench/moe_layer.py
     "S1": (4096, 14336, 8, 2, 8192),
     "S2": (2048, 1024, 64, 8, 16384),
     "S3": (2048, 8192, 8, 2, 16384),
 }
+SMOKE_SHAPES = {"tiny": (64, 32, 4, 2, 64)}
 
 
-def median_ms(fn, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
+def median_ms(fn, device: torch.device, steps: int, warmup: int = 3) -> float:
+    return statistics.median(time_calls(fn, device, warmup, steps))
 
 
 def gemms(D: int, F: int, E: int, K: int, T: int, device: torch.device):
@@ -105,21 +99,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--no-autotune", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cpu-smoke", action="store_true", help="a tiny shape on the CPU (a test)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("grouped_gemm: needs a CUDA GPU", file=sys.stderr)
+    shapes = SHAPES
+    if args.cpu_smoke:
+        device, shapes, args.shapes, args.steps, args.no_autotune = (
+            torch.device("cpu"),
+            SMOKE_SHAPES,
+            ["tiny"],
+            2,
+            True,
+        )
+    elif not torch.cuda.is_available():
+        print("grouped_gemm: needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
+    else:
+        device = torch.device("cuda")
     rows = []
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print(
         "| shape | GEMM | M | N | K | dense mm TFLOP/s | grouped (cutlass) | ratio | inductor autotuned | ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
-        for name, M, N, Kr, grouped, dense in gemms(*SHAPES[shape], device):
+        for name, M, N, Kr, grouped, dense in gemms(*shapes[shape], device):
             flops = 2 * M * N * Kr
-            t_dense, t_grouped = median_ms(dense, args.steps), median_ms(grouped, args.steps)
+            t_dense, t_grouped = median_ms(dense, device, args.steps), median_ms(grouped, device, args.steps)
             t_tuned = tune_s = None
             if not args.no_autotune:
                 tuned = torch.compile(grouped, mode="max-autotune-no-cudagraphs", dynamic=False)
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     tuned()
                     torch.cuda.synchronize()
                     tune_s = time.perf_counter() - start
-                    t_tuned = median_ms(tuned, args.steps)
+                    t_tuned = median_ms(tuned, device, args.steps)
                 except Exception as error:  # report and go on
                     print(f"  inductor failed on {shape} {name}: {type(error).__name__}: {error}"[:300])
             row = {

@@ -44,13 +44,9 @@ Prints the tables last. Exits 1 if any correctness check failed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -62,8 +58,11 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchlib import environment, fmt, ratio, relative_error, synchronize, time_calls  # noqa: E402
 
 from upcycle.kernels import grouped_moe as grouped_moe_kernel  # noqa: E402
 from upcycle.model.config import ModelConfig  # noqa: E402
@@ -129,40 +128,6 @@ class Row:
 # ----------------------------------------------------------------------------- environment
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("UPCYCLE_COMMIT", "unknown")
-
-
-def environment(device: torch.device) -> dict[str, object]:
-    import transformers
-
-    info: dict[str, object] = {
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
-    return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free_memory(device: torch.device, collect: bool = False) -> None:
     if collect:
         gc.collect()
@@ -176,29 +141,6 @@ def matmul_ceiling(device: torch.device, n: int, steps: int) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     times = time_calls(lambda: a @ b, device, warmup=3, steps=steps)
     return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Milliseconds of each of `steps` calls after `warmup`: CUDA events on a GPU, else a clock."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    if device.type != "cuda":
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)
-    ]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
 
 
 # ----------------------------------------------------------------------------- the layers
@@ -325,13 +267,6 @@ def reference_moe(
 def reference_dense(x_TD: torch.Tensor, dense: GatedMLP) -> torch.Tensor:
     w_gate, w_up, w_down = (m.weight.float() for m in (dense.gate_proj, dense.up_proj, dense.down_proj))
     return (F.silu(x_TD @ w_gate.T) * (x_TD @ w_up.T)) @ w_down.T
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.float(), expected.float()
-    if not torch.isfinite(actual).all():
-        return float("nan")
-    return float((actual - expected).norm() / expected.norm())
 
 
 @dataclass
@@ -607,16 +542,8 @@ def run_shape(
 # ----------------------------------------------------------------------------- report
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def by_name(rows: list[Row], shape: str) -> dict[str, Row]:
     return {row.impl: row for row in rows if row.shape == shape}
-
-
-def ratio(num: float | None, den: float | None) -> float | None:
-    return None if num is None or den is None or den == 0 else num / den
 
 
 def results_table(rows: list[Row], ceiling: float | None) -> list[str]:
@@ -738,7 +665,9 @@ def run(argv: list[str] | None) -> int:
         device, steps, warmup = torch.device("cuda"), args.steps, args.warmup
         shapes, compile_ = [SHAPES[name] for name in args.shapes], not args.no_compile
     assert not torch.backends.cuda.matmul.allow_tf32, "the fp32 reference must not run in tf32"
-    env = environment(device)
+    import transformers
+
+    env = environment(device, transformers=transformers.__version__)
     log("moe_layer: " + " ".join(f"{k}={v}" for k, v in env.items()))
     ceiling = None
     if device.type == "cuda":

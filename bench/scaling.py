@@ -52,6 +52,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 NCCL_ENV = {
     "NCCL_NVLS_ENABLE": "0",
@@ -237,9 +238,9 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0, unit: str = "") -> 
 
 
 def print_table(rows: list[Row], args) -> None:
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    from benchlib import git_commit
+
+    commit = git_commit()
     first = rows[0]
     print(
         f"# {first.device}, torch {torch.__version__}, commit {commit or '?'}, {time.strftime('%Y-%m-%d')}; "

@@ -3,7 +3,8 @@
 # attention and whole-step benchmarks; every output lands in $OUT (default runs/speed).
 # Usage: bash bench/speed_gpu.sh [parts...]   parts: tests gemm profile layer attention step tuned
 # (default: all but tuned). Each part runs under its own time limit so one slow part cannot
-# stop the rest.
+# stop the rest. The device tool's copy of .git can be stale: pass the commit being measured as
+# UPCYCLE_COMMIT=<hash> so that every table names it (bench/benchlib.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/speed}"

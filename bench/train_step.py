@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import git_commit
 
 from upcycle.data import Batch
 from upcycle.model import ModelConfig, Transformer
@@ -257,9 +259,7 @@ def _percent(value: float | None) -> str:
 
 
 def print_table(rows: list[Row], args, device: torch.device) -> None:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# {name}, torch {torch.__version__}, commit {commit or '?'}, {time.strftime('%Y-%m-%d')}; "

@@ -98,3 +98,13 @@ def test_profile_classifies_inductor_glue_apart_from_gemms() -> None:
     assert classify("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "GEMM"
     assert classify("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
     assert classify("void at::native::vectorized_gather_kernel<16, long>") == "index / scatter / sort / scan"
+
+
+def test_grouped_gemm_smoke_times_the_six_gemms(tmp_path: Path) -> None:
+    results = tmp_path / "gemm.json"
+    assert load_script("grouped_gemm").main(["--cpu-smoke", "--json", str(results)]) == 0
+    rows = json.loads(results.read_text())
+    assert [row["gemm"] for row in rows] == [
+        "fwd gate_up", "fwd down", "dgrad down", "dgrad gate_up", "wgrad down", "wgrad gate_up",
+    ]  # fmt: skip
+    assert all(row["dense_tflops"] > 0 and row["grouped_tflops"] > 0 for row in rows)

@@ -1,0 +1,95 @@
+"""What every GPU benchmark in bench/ shares: the environment line, timing, errors, formatting.
+
+Imported by the scripts beside it (each puts bench/ on `sys.path` first, so this works both when
+a script runs from the command line and when a test loads it from its file).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """`UPCYCLE_COMMIT` when set (a copied working tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("UPCYCLE_COMMIT"):
+        return os.environ["UPCYCLE_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device, **extra: object) -> dict[str, object]:
+    """Date, versions, commit and device of a run (plus `extra`), for the results' header."""
+    info: dict[str, object] = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
+    info.update(extra)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Milliseconds of each of `steps` calls after `warmup`: CUDA events on a GPU, else a clock."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)
+    ]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in fp32; NaN when `actual` holds a NaN or an inf."""
+    actual, expected = actual.float(), expected.float()
+    if not torch.isfinite(actual).all():
+        return float("nan")
+    return float((actual - expected).norm() / expected.norm())
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None or den == 0 else num / den
