@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from upcycle.kernels.swiglu import launch_device, tl, triton, use_triton
+from upcycle.kernels.swiglu import kernels, launch_device, use_triton
 
 _BLOCK_D = 1024
 # The torch version's switch: a batched [1, K] × [K, D] product skips the [A, D] temporary of
@@ -38,36 +38,17 @@ def gather_sum_torch(src_AD: torch.Tensor, index_A: torch.Tensor, weights_TK: to
     return (src_TKD * weights_TK.unsqueeze(-1)).sum(dim=1)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _gather_sum_kernel(
-        src_ptr, index_ptr, w_ptr, out_ptr, D, stride_src, stride_out,
-        K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        token = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < D
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in tl.static_range(K):
-            row = tl.load(index_ptr + token * K + k).to(tl.int64)
-            value = tl.load(src_ptr + row * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_WEIGHTS:
-                value = value * tl.load(w_ptr + token * K + k).to(tl.float32)
-            acc += value
-        tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def gather_sum_triton(src_AD: torch.Tensor, index_A: torch.Tensor, weights_TK: torch.Tensor | None, K: int):
     src_AD = src_AD if src_AD.stride(-1) == 1 else src_AD.contiguous()
     D = src_AD.shape[1]
     T = index_A.shape[0] // K
     out_TD = torch.empty(T, D, dtype=src_AD.dtype, device=src_AD.device)
     if T and D:
-        block = min(_BLOCK_D, triton.next_power_of_2(D))
+        tk = kernels()
+        block = min(_BLOCK_D, tk.triton.next_power_of_2(D))
         weights = weights_TK.contiguous() if weights_TK is not None else index_A  # unused when absent
         with launch_device(src_AD):
-            _gather_sum_kernel[(T, triton.cdiv(D, block))](
+            tk.gather_sum_kernel[(T, tk.triton.cdiv(D, block))](
                 src_AD, index_A.contiguous(), weights, out_TD, D, src_AD.stride(0), out_TD.stride(0),
                 K=K, HAS_WEIGHTS=weights_TK is not None, BLOCK=block,
             )  # fmt: skip
@@ -90,27 +71,6 @@ def gather_sum(
 # Autograd's backward of the broadcast multiply writes the [rows, Dh] product dy ⊙ x and then
 # reduces it; the kernel below reads dy and x once and writes dx and ds directly.
 
-if triton is not None:
-
-    @triton.jit
-    def _scale_rows_backward_kernel(
-        dy_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, R, W, stride_dy, stride_x, stride_dx,
-        ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        row_mask = rows < R
-        mask = row_mask[:, None] & (cols[None, :] < W)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        tl.store(
-            dx_ptr + rows[:, None] * stride_dx + cols[None, :],
-            (dy * s[:, None]).to(dx_ptr.dtype.element_ty),
-            mask=mask,
-        )
-        tl.store(ds_ptr + rows, tl.sum(dy * x, axis=1), mask=row_mask)
-
 
 class _ScaleRows(torch.autograd.Function):
     @staticmethod
@@ -128,10 +88,11 @@ class _ScaleRows(torch.autograd.Function):
         ds_R = torch.empty(R, dtype=torch.float32, device=x_RW.device)
         if R:
             rows = 16
+            tk = kernels()
             with launch_device(x_RW):
-                _scale_rows_backward_kernel[(triton.cdiv(R, rows),)](
+                tk.scale_rows_backward_kernel[(tk.triton.cdiv(R, rows),)](
                     dy_RW, x_RW, s_R, dx_RW, ds_R, R, W, dy_RW.stride(0), x_RW.stride(0), dx_RW.stride(0),
-                    ROWS=rows, BLOCK=triton.next_power_of_2(W),
+                    ROWS=rows, BLOCK=tk.triton.next_power_of_2(W),
                 )  # fmt: skip
         return dx_RW, ds_R.to(s_R.dtype)
 

@@ -29,15 +29,24 @@ Shape letters: A rows (expert assignments), F expert width.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 
 import torch
 
-try:  # Triton is optional: the CPU wheels of torch do not bring it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-    tl = None
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether Triton can be imported (it is imported only when a kernel first runs)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels():
+    """The module of Triton kernels, imported on first use."""
+    from upcycle.kernels import triton_kernels
+
+    return triton_kernels
+
 
 _BLOCK_F = 1024
 
@@ -46,8 +55,8 @@ def use_triton(h_A2F: torch.Tensor) -> bool:
     """True where the Triton kernels run: eager mode, CUDA, a float dtype Triton stores."""
     return (
         not torch.compiler.is_compiling()
-        and triton is not None
         and h_A2F.is_cuda
+        and triton_installed()
         and h_A2F.dtype in (torch.bfloat16, torch.float16, torch.float32)
     )
 
@@ -84,44 +93,6 @@ def swiglu_backward_torch(
 
 # ----------------------------------------------------------------------------- Triton versions
 
-if triton is not None:
-
-    @triton.jit
-    def _swiglu_forward_kernel(h_ptr, a_ptr, F, stride_h, stride_a, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < F
-        gate = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptr + row * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
-        a = gate * tl.sigmoid(gate) * up
-        tl.store(a_ptr + row * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _swiglu_backward_kernel(
-        h_ptr, d_ptr, w_ptr, dh_ptr, dw_ptr, aw_ptr, F, stride_h, stride_d, stride_dh, stride_aw,
-        BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        w = tl.load(w_ptr + row).to(tl.float32)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for block in range(NUM_BLOCKS):  # a constant trip count (one compilation per width F)
-            cols = block * BLOCK + tl.arange(0, BLOCK)
-            mask = cols < F
-            gate = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(h_ptr + row * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
-            d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(gate)
-            silu = gate * sig
-            a = silu * up
-            acc += d * a
-            da = d * w
-            dgate = da * up * sig * (1.0 + gate * (1.0 - sig))
-            out_ty = dh_ptr.dtype.element_ty
-            tl.store(dh_ptr + row * stride_dh + cols, dgate.to(out_ty), mask=mask)
-            tl.store(dh_ptr + row * stride_dh + F + cols, (da * silu).to(out_ty), mask=mask)
-            tl.store(aw_ptr + row * stride_aw + cols, (a * w).to(aw_ptr.dtype.element_ty), mask=mask)
-        tl.store(dw_ptr + row, tl.sum(acc, axis=0))
-
 
 def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the *current* CUDA device and stream; make that the device of `t`
@@ -140,9 +111,10 @@ def swiglu_forward_triton(h_A2F: torch.Tensor) -> torch.Tensor:
     F = F2 // 2
     a_AF = torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
     if A:
-        block = min(_BLOCK_F, triton.next_power_of_2(F))
+        tk = kernels()
+        block = min(_BLOCK_F, tk.triton.next_power_of_2(F))
         with launch_device(h_A2F):
-            _swiglu_forward_kernel[(A, triton.cdiv(F, block))](
+            tk.swiglu_forward_kernel[(A, tk.triton.cdiv(F, block))](
                 h_A2F, a_AF, F, h_A2F.stride(0), a_AF.stride(0), BLOCK=block
             )
     return a_AF
@@ -162,12 +134,13 @@ def swiglu_backward_triton(
     dw_A = torch.empty(A, dtype=torch.float32, device=h_A2F.device)
     aw_AF = d_AF if in_place else torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
     if A:
-        block = min(_BLOCK_F, triton.next_power_of_2(F))
+        tk = kernels()
+        block = min(_BLOCK_F, tk.triton.next_power_of_2(F))
         with launch_device(h_A2F):
-            _swiglu_backward_kernel[(A,)](
+            tk.swiglu_backward_kernel[(A,)](
                 h_A2F, d_AF, w_A, dh_A2F, dw_A, aw_AF, F,
                 h_A2F.stride(0), d_AF.stride(0), dh_A2F.stride(0), aw_AF.stride(0),
-                BLOCK=block, NUM_BLOCKS=triton.cdiv(F, block),
+                BLOCK=block, NUM_BLOCKS=tk.triton.cdiv(F, block),
             )  # fmt: skip
     return dh_A2F, dw_A, aw_AF
 
