@@ -102,9 +102,10 @@ def distributed_environment(rank: int, world_size: int, port: int) -> None:
 
 def _run_then_exit(rank: int, worker, *args) -> None:
     """Run the worker; on success leave at once with os._exit(0), skipping the interpreter's
-    teardown (C++ static destructors of gloo and the libraries torch loaded), which in one CI run
-    of ~25 aborted a worker that had finished ("terminate called without an active exception").
-    A worker that raises still reaches torch's error reporting and fails the test."""
+    teardown (atexit hooks and C++ static destructors of gloo and the libraries torch loaded).
+    Once in about 25 runs a CI worker died with SIGABRT ("terminate called without an active
+    exception") and no Python traceback; if that comes from teardown, this avoids it. A worker
+    that raises still reaches torch's error reporting and fails the test."""
     worker(rank, *args)
     sys.stdout.flush()
     sys.stderr.flush()
