@@ -7,9 +7,11 @@ a script runs from the command line and when a test loads it from its file).
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,22 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+
+
+def load_script(name: str):
+    """bench/NAME.py as a module (registered in sys.modules, where dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_header(device_name: str) -> str:
+    """The first line of a result table: device, torch version, measured commit, date."""
+    return f"# {device_name}, torch {torch.__version__}, commit {git_commit()}, {time.strftime('%Y-%m-%d')}"
 
 
 def git_commit() -> str:

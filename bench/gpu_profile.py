@@ -24,7 +24,6 @@ CPU smoke:    python bench/gpu_profile.py --cpu-smoke   (tiny shapes on the CPU,
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import sys
@@ -37,8 +36,11 @@ from pathlib import Path
 import torch
 
 BENCH = Path(__file__).resolve().parent
-if str(BENCH.parent) not in sys.path:
-    sys.path.insert(0, str(BENCH.parent))
+for _path in (BENCH.parent, BENCH):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchlib import load_script  # noqa: E402
 
 # Kernel classes, first match wins (kernel names of CUDA 12/13 libraries on Hopper).
 # Inductor names its kernels after the ops they fuse (`triton_poi_fused__grouped_mm_mul_silu...`
@@ -75,17 +77,8 @@ class Profile:
     top: list[dict[str, object]] = field(default_factory=list)
 
 
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def moe_case(shape_name: str, dense: bool, compiled: bool, device: torch.device, smoke: bool):
-    moe_layer = load_bench("moe_layer")
+    moe_layer = load_script("moe_layer")
     shapes = moe_layer.SMOKE_SHAPES if smoke else moe_layer.SHAPES
     shape = shapes[shape_name]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -116,7 +109,7 @@ def moe_case(shape_name: str, dense: bool, compiled: bool, device: torch.device,
 
 
 def attention_case(variant: str, compiled: bool, device: torch.device, smoke: bool):
-    attention = load_bench("attention_experts")
+    attention = load_script("attention_experts")
     case = attention.SMOKE_CASE if smoke else attention.GPU_CASE
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -139,7 +132,7 @@ def attention_case(variant: str, compiled: bool, device: torch.device, smoke: bo
 
 
 def step_case(case: str, compiled: bool, device: torch.device, smoke: bool):
-    train_step = load_bench("train_step")
+    train_step = load_script("train_step")
     args = argparse.Namespace(compile=compiled, batch=2 if smoke else 8, seq_len=32 if smoke else 2048)
     config = train_step.case_configs(smoke)[case]
     _, runner = train_step.build_step(case, config, args, device)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import time_calls
+from benchlib import run_header, time_calls
 
 SHAPES = {  # D, F, E, K, T as bench/moe_layer.py
     "S1": (4096, 14336, 8, 2, 8192),
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda")
     rows = []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(run_header(name))
     print(
         "| shape | GEMM | M | N | K | dense mm TFLOP/s | grouped (cutlass) | ratio | inductor autotuned | ratio |"
     )

@@ -238,12 +238,11 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0, unit: str = "") -> 
 
 
 def print_table(rows: list[Row], args) -> None:
-    from benchlib import git_commit
+    from benchlib import run_header
 
-    commit = git_commit()
     first = rows[0]
     print(
-        f"# {first.device}, torch {torch.__version__}, commit {commit or '?'}, {time.strftime('%Y-%m-%d')}; "
+        f"{run_header(first.device)}; "
         f"BTX 4-expert MoE, {first.parameters / 1e6:,.1f}M parameters ({first.active / 1e6:,.1f}M active); "
         f"{args.batch} × {args.seq_len} tokens per GPU per step; "
         f"{'fp32 (smoke)' if args.smoke else 'bf16 autocast'}, compile {args.compile}; "

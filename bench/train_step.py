@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import git_commit
+from benchlib import run_header
 
 from upcycle.data import Batch
 from upcycle.model import ModelConfig, Transformer
@@ -259,10 +259,9 @@ def _percent(value: float | None) -> str:
 
 
 def print_table(rows: list[Row], args, device: torch.device) -> None:
-    commit = git_commit()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"# {name}, torch {torch.__version__}, commit {commit or '?'}, {time.strftime('%Y-%m-%d')}; "
+        f"{run_header(name)}; "
         f"batch {args.batch} × {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
         f"compile {args.compile}; median of {args.steps} steps"
     )

@@ -3,20 +3,17 @@ and of 2 processes with expert parallelism over gloo, a tiny model; its figures 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "scaling.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from benchlib import load_script
 
 
 def test_scaling_bench_smoke(capsys, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
+    module = load_script("scaling")
     rows = module.main(["--smoke", "--json", str(tmp_path / "rows.json")])
 
     assert [(r.gpus, r.ep, r.dp) for r in rows] == [(1, 1, 1), (2, 2, 1)]

@@ -8,15 +8,15 @@ argument parsing as the command line.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+from benchlib import load_script  # noqa: E402
 
 EXPECTED_ROWS = {
     "moe_layer": [
@@ -35,15 +35,6 @@ EXPECTED_ROWS = {
         "moa shared-KV wide",
     ],
 }
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED_ROWS))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -10,14 +9,12 @@ from pathlib import Path
 
 from test_train_helpers import one_thread  # noqa: F401
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "train_step.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from benchlib import load_script
 
 
 def test_train_step_bench_tiny_smoke(capsys, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
+    module = load_script("train_step")
     rows = module.main(["--tiny", "--json", str(tmp_path / "rows.json")])
 
     assert [r.case for r in rows] == ["dense", "btx4"]

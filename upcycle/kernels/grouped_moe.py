@@ -262,10 +262,7 @@ class _GroupedExperts(torch.autograd.Function):
         g_AD = grad_TD.index_select(0, token_A)
         d_AF = grouped_linear(g_AD, w_down_EDF.transpose(-2, -1), offsets_E, split_sizes)
         w_A = weights_TK.reshape(-1).index_select(0, order_A)
-        if ctx.in_place:
-            dh_AP, dw_A, a_w_AF = swiglu.swiglu_backward(h_AP, d_AF, w_A, in_place=True)
-        else:
-            dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated)
+        dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated, ctx.in_place)
         del d_AF, h_AP
         grad_w_down = grad_w_in = grad_x = grad_weights = None
         wgrad_sizes = split_sizes
@@ -318,10 +315,12 @@ def _activate_backward(
     w_A: torch.Tensor,
     activation: Callable[[torch.Tensor], torch.Tensor],
     gated: bool,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dh_AP, dL/dw_A, w·a_AF) from the un-weighted output gradient d_AF of the activation."""
+    """(dL/dh_AP, dL/dw_A, w·a_AF) from the un-weighted output gradient d_AF of the activation;
+    `in_place` lets the SwiGLU kernel reuse h's and d's memory (the caller gives both up)."""
     if gated and _is_silu(activation):
-        return swiglu.swiglu_backward(h_AP, d_AF, w_A)
+        return swiglu.swiglu_backward(h_AP, d_AF, w_A, in_place=in_place)
     # Any other activation: recompute it and take its vector-Jacobian product (torch.func, which
     # torch.compile traces into the same graph; torch.autograd.grad here would break it).
     w_A1 = w_A.to(h_AP.dtype)[:, None]
