@@ -3,7 +3,10 @@
 - clipping folded into a fused AdamW (`grad_scale`) against clip-then-step, with the norm above
   and below `clip_grad_norm`: the same weights after three steps within fp32 rounding;
 - `compile_loss=True` (the cross-entropy under torch.compile) against the eager loss: the same
-  loss and gradients.
+  loss and gradients;
+- the fused AdamW order (optimiser step queued with a device-side `found_inf` before the values
+  are read): a non-finite loss or gradient leaves weights, moments and step counts exactly as
+  they were, with both policies, as the plain order does.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import pytest
 import torch
 import torch._dynamo
 
+import upcycle.train.step as step_module
 from upcycle.data import Batch
 from upcycle.model import ModelConfig, Transformer
 from upcycle.model.init import init_weights
-from upcycle.train import TrainStep, WarmupCosine
+from upcycle.train import NonFiniteLossError, TrainStep, WarmupCosine
 from upcycle.train.distributed import Distributed
+from upcycle.train.losses import LossParts, training_loss
 
 CONFIG = ModelConfig(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -33,13 +38,18 @@ def batches(count: int) -> list[Batch]:
     return out
 
 
-def run(fused: bool, clip: float, compile_loss: bool = False, steps: int = 3):
+def make_step(fused: bool, clip: float | None, compile_loss: bool = False, nonfinite: str = "stop"):
     model = init_weights(Transformer(CONFIG), seed=0).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
-    step = TrainStep(
+    return TrainStep(
         model, optimizer, WarmupCosine(1e-2, 0, 10**6, 1.0), Distributed(device=torch.device("cpu")),
-        clip_grad_norm=clip, autocast_dtype=None, compile_loss=compile_loss,
+        clip_grad_norm=clip, autocast_dtype=None, compile_loss=compile_loss, nonfinite_policy=nonfinite,
     )  # fmt: skip
+
+
+def run(fused: bool, clip: float, compile_loss: bool = False, steps: int = 3):
+    step = make_step(fused, clip, compile_loss)
+    model = step.model
     results = [step(index + 1, [batch]) for index, batch in enumerate(batches(steps))]
     return step, model, results
 
@@ -73,3 +83,73 @@ def test_compiled_loss_matches_the_eager_loss() -> None:
         assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
     for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss whose gradient norm is not finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+FAULTS = {
+    "nan": lambda total: total * float("nan"),
+    "inf": lambda total: total + float("inf"),
+    "nan_gradient": _NanGradient.apply,
+}
+
+
+def snapshot(step: TrainStep) -> dict[str, torch.Tensor]:
+    """Every parameter and every AdamW state tensor (moments, step counts), cloned."""
+    out = {f"param:{name}": p.detach().clone() for name, p in step.model.named_parameters()}
+    names = {id(p): name for name, p in step.model.named_parameters()}
+    for p, state in step.optimizer.state.items():
+        for key, value in state.items():
+            out[f"{key}:{names[id(p)]}"] = torch.as_tensor(value).clone()
+    return out
+
+
+@pytest.mark.parametrize("clip", [1.0, None], ids=["clip", "no-clip"])
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_fused_order_leaves_everything_untouched_on_a_non_finite_step(policy, fault, clip, monkeypatch):
+    calls = []
+
+    def faulty_loss(output, labels_BS, *cross_entropy):
+        calls.append(None)
+        parts = training_loss(output, labels_BS, *cross_entropy)
+        if len(calls) == 2:
+            return LossParts(FAULTS[fault](parts.total), parts.lm, parts.aux_by_kind)
+        return parts
+
+    monkeypatch.setattr(step_module, "training_loss", faulty_loss)
+    fused, plain = make_step(True, clip, nonfinite=policy), make_step(False, clip, nonfinite=policy)
+    assert fused.fold_clip and not plain.fold_clip
+    data = batches(3)
+    first = fused(1, [data[0]])
+    before = snapshot(fused)
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match=r"^step 2: .*weights are those of step 1"):
+            fused(2, [data[1]])
+    else:
+        assert fused(2, [data[1]]).skipped
+    after = snapshot(fused)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert all(p.grad is None for p in fused.model.parameters())
+    assert not hasattr(fused.optimizer, "found_inf") and not hasattr(fused.optimizer, "grad_scale")
+    if policy == "skip":  # and the run goes on as the plain order's does
+        calls.clear()
+        plain_results = [plain(1, [data[0]]), plain(2, [data[1]])]
+        assert plain_results[1].skipped
+        third, plain_third = fused(3, [data[2]]), plain(3, [data[2]])
+        assert first.loss == pytest.approx(plain_results[0].loss, rel=1e-6)
+        assert third.loss == pytest.approx(plain_third.loss, rel=1e-5)
+        for p, q in zip(fused.model.parameters(), plain.model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

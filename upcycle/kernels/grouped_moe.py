@@ -58,6 +58,7 @@ from torch.torch_version import TorchVersion
 
 from upcycle.kernels import swiglu
 from upcycle.kernels.combine import gather_sum
+from upcycle.kernels.host_copy import HostCopy
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -171,21 +172,6 @@ def grouped_weight_grad(
 WGRAD_LOOP_MAX_EXPERTS = 16
 
 
-class _HostCounts:
-    """Per-expert row counts on their way to pinned host memory (no host synchronisation)."""
-
-    def __init__(self, counts_E: torch.Tensor) -> None:
-        self.host_E = torch.empty(counts_E.shape, dtype=counts_E.dtype, pin_memory=True)
-        self.host_E.copy_(counts_E, non_blocking=True)
-        self.ready = torch.cuda.Event()
-        # on the stream the copy ran on: that of the counts' device, not the current device
-        self.ready.record(torch.cuda.current_stream(counts_E.device))
-
-    def sizes(self) -> list[int]:
-        self.ready.synchronize()  # long since done when the backward pass asks
-        return self.host_E.tolist()
-
-
 class _GroupedExperts(torch.autograd.Function):
     """The whole routed-expert computation with a backward pass written out (see `grouped_moe`).
 
@@ -217,7 +203,7 @@ class _GroupedExperts(torch.autograd.Function):
         split_sizes: list[int] | None,
         activation: Callable[[torch.Tensor], torch.Tensor],
         gated: bool,
-        host_counts: _HostCounts | None = None,
+        host_counts: HostCopy | None = None,
     ) -> torch.Tensor:
         K = weights_TK.shape[1]
         token_A = torch.div(order_A, K, rounding_mode="floor")
@@ -267,7 +253,7 @@ class _GroupedExperts(torch.autograd.Function):
         grad_w_down = grad_w_in = grad_x = grad_weights = None
         wgrad_sizes = split_sizes
         if wgrad_sizes is None and ctx.host_counts is not None:
-            wgrad_sizes = ctx.host_counts.sizes()
+            wgrad_sizes = ctx.host_counts.tolist()  # long since copied by now
         if ctx.needs_input_grad[3]:
             grad_w_down = grouped_weight_grad(g_AD, a_w_AF, offsets_E, wgrad_sizes, E)
         del g_AD, a_w_AF
@@ -367,7 +353,7 @@ def grouped_moe(
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
     ):
-        host_counts = _HostCounts(counts_E)
+        host_counts = HostCopy(counts_E)  # read by the backward pass
     return _GroupedExperts.apply(
         x_TD,
         weights_TK,

@@ -14,6 +14,14 @@ Order inside a step, and why:
 5. clip to `clip_grad_norm` with the norm already computed, optimiser step, zero the gradients
    (a fused AdamW applies the clipping factor as it reads each gradient: `_clip_and_step`).
 
+With a fused AdamW on plain tensors (one GPU, `_folds_clipping`) steps 3-5 are reordered so that
+the host does not wait for the GPU before queueing the optimiser step: the values start their
+way to host memory (`HostCopy`), the step is queued with a `found_inf` flag computed on the
+device (the fused kernel then leaves weights, moments and step count untouched: the same outcome
+as not stepping), and only then does the host wait, for the copy alone, while the GPU still has
+the optimiser step to run. The next step's kernels are queued behind it instead of after an idle
+gap. The non-finite decision and its messages are those of the plain order.
+
 Shape letters: B batch, S sequence, E experts.
 """
 
@@ -28,6 +36,7 @@ from torch import nn
 
 from upcycle.data import Batch
 from upcycle.errors import UpcycleError
+from upcycle.kernels.host_copy import HostCopy
 from upcycle.model.moe import MoE
 from upcycle.model.router import Router
 from upcycle.train.distributed import Distributed, set_gradient_sync
@@ -110,43 +119,71 @@ class TrainStep:
             router.set_step(step - 1)
         sums, aux_kinds = self._forward_backward(micro_batches)
         norm = self._grad_norm()
-        values = self._reduce(sums, norm)
         passes = len(micro_batches) * self.distributed.world_size
-        result = self._result(step, lr, values, aux_kinds, passes)
-        if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
-            self._clip_and_step(norm)
-        elif self.nonfinite_policy == "stop":
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"step {step}: the loss is {result.loss} and the gradient norm {result.grad_norm}; "
-                f"the run stopped before the optimizer step, so the weights are those of step {step - 1}; "
-                "lower optimizer.lr or check the data, and resume from the last checkpoint"
-            )
+        if self.fold_clip:
+            result = self._step_before_reading(step, lr, sums, norm, aux_kinds, passes)
         else:
+            result = self._result(step, lr, self._reduce(sums, norm).tolist(), aux_kinds, passes)
+            if self._finite(result):
+                self._clip_and_step(norm)
+        if not self._finite(result):
+            if self.nonfinite_policy == "stop":
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"step {step}: the loss is {result.loss} and the gradient norm {result.grad_norm}; "
+                    f"the run stopped before the optimizer step, so the weights are those of step {step - 1}; "
+                    "lower optimizer.lr or check the data, and resume from the last checkpoint"
+                )
             result.skipped = True
         self.optimizer.zero_grad(set_to_none=True)
         return result
 
-    def _clip_and_step(self, norm: torch.Tensor) -> None:
+    @staticmethod
+    def _finite(result: StepResult) -> bool:
+        return math.isfinite(result.loss) and math.isfinite(result.grad_norm)
+
+    def _step_before_reading(
+        self,
+        step: int,
+        lr: float,
+        sums: list[torch.Tensor],
+        norm: torch.Tensor,
+        aux_kinds: list[str],
+        passes: int,
+    ) -> StepResult:
+        """Steps 3-5 for a fused AdamW (module docstring): queue the copy of the values, then the
+        optimiser step guarded on the device by `found_inf`, then read the values."""
+        values = self._reduce(sums, norm)
+        pending = HostCopy(values)
+        found_inf = (~(torch.isfinite(values[0]) & torch.isfinite(values[-1]))).float()
+        self._clip_and_step(norm, found_inf)
+        return self._result(step, lr, pending.tolist(), aux_kinds, passes)
+
+    def _clip_and_step(self, norm: torch.Tensor, found_inf: torch.Tensor | None = None) -> None:
         """Clip to `clip_grad_norm` with the norm already computed, then the optimiser step.
 
         With a fused AdamW on plain tensors the clipping factor goes in as the optimiser's
         `grad_scale` (the kernel divides each gradient by it as it reads it, and stores the
-        result back), which saves a separate read and write of every gradient.
+        result back), which saves a separate read and write of every gradient; `found_inf`
+        (fused AdamW only: 1.0 skips the update inside the kernel) guards the step on the device.
         """
-        if self.clip_grad_norm is None:
+        if not self.fold_clip:
+            if self.clip_grad_norm is not None:
+                clip_grads(self.trainable, self.clip_grad_norm, norm)
             self.optimizer.step()
-        elif self.fold_clip:
+            return
+        flags = {"found_inf": found_inf} if found_inf is not None else {}
+        if self.clip_grad_norm is not None:
             # torch's rule: coef = min(1, max_norm / (norm + 1e-6)); the kernel divides by 1 / coef
             divisor = torch.clamp((norm.detach().float() + 1e-6) / self.clip_grad_norm, min=1.0)
-            self.optimizer.grad_scale = divisor
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.grad_scale
-        else:
-            clip_grads(self.trainable, self.clip_grad_norm, norm)
+            flags["grad_scale"] = divisor
+        for name, value in flags.items():
+            setattr(self.optimizer, name, value)
+        try:
             self.optimizer.step()
+        finally:
+            for name in flags:
+                delattr(self.optimizer, name)
 
     def _forward_backward(self, micro_batches: list[Batch]) -> tuple[list[torch.Tensor], list[str]]:
         """Run every micro-batch; return detached sums [total, lm, aux kinds..., expert loads...]."""
@@ -174,10 +211,10 @@ class TrainStep:
         # global, one mesh at a time (expert parallelism puts the experts on a mesh of their own).
         return grad_norm(self.trainable, self.distributed.device)
 
-    def _reduce(self, sums: list[torch.Tensor], norm: torch.Tensor) -> list[float]:
-        """Sum over ranks, then fetch everything with one host synchronisation."""
+    def _reduce(self, sums: list[torch.Tensor], norm: torch.Tensor) -> torch.Tensor:
+        """[sums over ranks..., norm] on the device, for one host synchronisation."""
         flat = self.distributed.all_reduce_sum(torch.cat(sums))
-        return torch.cat([flat, norm.detach().reshape(1).to(flat)]).tolist()
+        return torch.cat([flat, norm.detach().reshape(1).to(flat)])
 
     def _result(
         self, step: int, lr: float, values: list[float], aux_kinds: list[str], passes: int
