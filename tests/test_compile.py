@@ -1,7 +1,10 @@
 """torch.compile of the blocks (`train.compile: true`, `compile_blocks`): the compiled model
 computes what the eager one does, forward and backward, for dense, MoE and BAM blocks; and the
 MoE layer's grouped fast path traces into one graph in bf16 (no graph break, no host sync), as
-it must for compiled training on a GPU. Runs on the CPU with inductor's C++ backend."""
+it must for compiled training on a GPU. SwiGLU experts enter that graph as the custom operators
+of `upcycle.kernels.moe_ops` (checked with `torch.library.opcheck`), and the compiled expert
+path is bit for bit the eager one, forward and backward. Runs on the CPU with inductor's C++
+backend."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import pytest
 import torch
 import torch._dynamo
 
+from upcycle.kernels import moe_ops
+from upcycle.kernels.grouped_moe import grouped_moe
 from upcycle.model import ModelConfig, Transformer
 from upcycle.model.init import init_weights
 from upcycle.train.build import compile_blocks
@@ -73,3 +78,78 @@ def test_grouped_moe_layer_traces_into_one_graph_in_bf16(dynamic, hidden_act, ga
         explained = torch._dynamo.explain(layer)(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def _expert_inputs(T=24, D=32, F=48, E=4, K=2, seed=0):
+    """bf16 inputs of the SwiGLU expert path; expert 3 gets no token (an empty group)."""
+    g = torch.Generator().manual_seed(seed)
+    x_TD = torch.randn(T, D, generator=g).bfloat16().requires_grad_()
+    logits_TE = torch.randn(T, E, generator=g)
+    logits_TE[:, 3] = -1e9
+    probs_TE = logits_TE.softmax(-1)
+    weights_TK, indices_TK = probs_TE.topk(K, dim=-1)
+    weights_TK = weights_TK.bfloat16().requires_grad_()
+    w_in_EPD = (torch.randn(E, 2 * F, D, generator=g) / D**0.5).bfloat16().requires_grad_()
+    w_down_EDF = (torch.randn(E, D, F, generator=g) / F**0.5).bfloat16().requires_grad_()
+    return x_TD, weights_TK, indices_TK, w_in_EPD, w_down_EDF
+
+
+def _run_experts(run, inputs, grad_TD):
+    for t in inputs:
+        t.grad = None
+    out_TD = run(*inputs)
+    out_TD.backward(grad_TD)
+    return [out_TD.detach()] + [t.grad for t in inputs if t.requires_grad]
+
+
+def test_compiled_swiglu_expert_path_is_one_custom_operator_and_the_eager_path_bit_for_bit():
+    torch._dynamo.reset()
+    inputs = _expert_inputs()
+    x_TD = inputs[0]
+
+    def experts(x_TD, weights_TK, indices_TK, w_in_EPD, w_down_EDF):
+        return grouped_moe(x_TD, weights_TK, indices_TK, w_in_EPD, w_down_EDF, torch.nn.functional.silu, True)
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch.compile(experts, backend=capture, fullgraph=True)(*inputs)
+    targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert "upcycle.swiglu_experts.default" in targets, targets
+
+    torch._dynamo.reset()
+    grad_TD = torch.randn(x_TD.shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    eager = _run_experts(experts, inputs, grad_TD)
+    compiled = _run_experts(torch.compile(experts, fullgraph=True), inputs, grad_TD)
+    assert len(eager) == len(compiled) == 5
+    for name, e, c in zip(["out", "dx", "dweights", "dw_in", "dw_down"], eager, compiled, strict=True):
+        assert torch.equal(c, e), name
+    assert torch.count_nonzero(eager[3][3]) == 0  # the expert without tokens: zero weight gradient
+
+
+@pytest.mark.parametrize(
+    "frozen", [(), ("w_in", "w_down"), ("x", "weights")], ids=["all", "frozen-experts", "no-input-grads"]
+)
+def test_swiglu_expert_operators_pass_opcheck(frozen):
+    x_TD, weights_TK, indices_TK, w_in_EPD, w_down_EDF = _expert_inputs(T=10, E=4)
+    named = {"x": x_TD, "weights": weights_TK, "w_in": w_in_EPD, "w_down": w_down_EDF}
+    for name in frozen:
+        named[name].requires_grad_(False)
+    K = indices_TK.shape[1]
+    expert_A = indices_TK.reshape(-1)
+    order_A = torch.argsort(expert_A, stable=True)
+    inverse_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(order_A.numel()))
+    offsets_E = torch.bincount(expert_A, minlength=4).cumsum(0).to(torch.int32)
+    args = (x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E)
+    torch.library.opcheck(moe_ops.swiglu_experts, args)
+    out_TD, h_AP = moe_ops.swiglu_experts(*args)
+    grad_TD = torch.randn_like(out_TD)
+    needs = [t.requires_grad for t in args[:4]]
+    backward_args = (grad_TD, *[t.detach() for t in args[:4]], order_A, inverse_A, h_AP, offsets_E, *needs)
+    torch.library.opcheck(moe_ops.swiglu_experts_backward, backward_args)
+    grads = moe_ops.swiglu_experts_backward(*backward_args)
+    assert [g.numel() > 0 for g in grads] == needs
+    assert K == 2

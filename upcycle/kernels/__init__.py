@@ -6,6 +6,8 @@
 - `swiglu`, `combine`: the element-wise steps between those GEMMs (SwiGLU forward and backward,
   gather-sums over each token's rows, row scaling) as Triton kernels on the GPU, each with the
   torch version used everywhere else.
+- `moe_ops`: the SwiGLU expert path as custom operators, so compiled graphs run it as eager does.
+- `host_copy`: small device tensors copied to the host without stalling the GPU's queue.
 
 Kernels take plain tensors and callables, never model modules or configs, so that `model/` can
 import them and not the other way round. This package imports nothing eagerly.

@@ -38,6 +38,9 @@ What runs where (`grouped_mm_available`):
   GEMM per expert on row slices, with counts that reached the host during the forward pass.
 - Element-wise glue (SwiGLU, the combine's gather-sum): Triton kernels on CUDA in eager mode,
   torch expressions elsewhere (`upcycle.kernels.swiglu`, `upcycle.kernels.combine`).
+- Under `torch.compile`, gated SiLU experts on `torch._grouped_mm` are two custom operators
+  (`upcycle.kernels.moe_ops`) that run `experts_forward` / `experts_backward` as in eager mode,
+  Triton glue included; other activations are traced op by op into the graph.
 - Anything else (fp64, older torch, widths D or F that are not multiples of 16 bytes as the
   kernel's strides require): a segment loop over `torch.split` of the sorted rows. It reads the
   per-expert counts back once per call (one host sync, free on the CPU); exact in fp64, which the
@@ -172,6 +175,88 @@ def grouped_weight_grad(
 WGRAD_LOOP_MAX_EXPERTS = 16
 
 
+def experts_forward(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    w_in_EPD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    order_A: torch.Tensor,
+    inverse_A: torch.Tensor,
+    offsets_E: torch.Tensor | None,
+    split_sizes: list[int] | None,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out_TD, h_AP): the expert path's forward pass, shared by `_GroupedExperts` and the
+    compiled graphs' custom op (`upcycle.kernels.moe_ops`)."""
+    K = weights_TK.shape[1]
+    x_AD = x_TD.index_select(0, token_rows(order_A, K))
+    h_AP = grouped_linear(x_AD, w_in_EPD, offsets_E, split_sizes)
+    del x_AD
+    a_AF = _activate(h_AP, activation, gated)
+    y_AD = grouped_linear(a_AF, w_down_EDF, offsets_E, split_sizes)
+    del a_AF
+    return gather_sum(y_AD, inverse_A, weights_TK, K), h_AP
+
+
+def experts_backward(
+    grad_TD: torch.Tensor,
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    w_in_EPD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    order_A: torch.Tensor,
+    inverse_A: torch.Tensor,
+    h_AP: torch.Tensor,
+    offsets_E: torch.Tensor | None,
+    split_sizes: list[int] | None,
+    wgrad_sizes: list[int] | None,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    gated: bool,
+    needs_grad: tuple[bool, bool, bool, bool],
+    in_place: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx_TD, dweights_TK, dw_in_EPD, dw_down_EDF), each None where `needs_grad` says so.
+
+    `wgrad_sizes`: per-expert row counts on the host for the per-expert weight-gradient GEMMs
+    (None: `torch._grouped_mm`, or `split_sizes`' segment loop). `in_place`: the SwiGLU kernel
+    writes over h_AP (the caller gives it up).
+    """
+    needs_x, needs_weights, needs_w_in, needs_w_down = needs_grad
+    T, K = weights_TK.shape
+    E = w_in_EPD.shape[0]
+    token_A = token_rows(order_A, K)
+    # The output gradient in the dtype the experts computed in (autocast may hand fp32).
+    grad_TD = grad_TD.to(x_TD.dtype).contiguous()
+    # dL/dy for each assignment, before its combine weight: the output gradient of its token.
+    g_AD = grad_TD.index_select(0, token_A)
+    d_AF = grouped_linear(g_AD, w_down_EDF.transpose(-2, -1), offsets_E, split_sizes)
+    w_A = weights_TK.reshape(-1).index_select(0, order_A)
+    dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated, in_place)
+    del d_AF, h_AP
+    grad_w_down = grad_w_in = grad_x = grad_weights = None
+    wgrad_sizes = split_sizes if wgrad_sizes is None else wgrad_sizes
+    if needs_w_down:
+        grad_w_down = grouped_weight_grad(g_AD, a_w_AF, offsets_E, wgrad_sizes, E)
+    del g_AD, a_w_AF
+    if needs_w_in:
+        x_AD = x_TD.index_select(0, token_A)
+        grad_w_in = grouped_weight_grad(dh_AP, x_AD, offsets_E, wgrad_sizes, E)
+        del x_AD
+    if needs_x:
+        dx_AD = grouped_linear(dh_AP, w_in_EPD.transpose(-2, -1), offsets_E, split_sizes)
+        del dh_AP
+        grad_x = gather_sum(dx_AD, inverse_A, None, K)
+    if needs_weights:
+        grad_weights = dw_A.index_select(0, inverse_A).view(T, K).to(weights_TK.dtype)
+    return grad_x, grad_weights, grad_w_in, grad_w_down
+
+
+def token_rows(order_A: torch.Tensor, K: int) -> torch.Tensor:
+    """The token of each expert-sorted assignment (assignment a = t·K + k)."""
+    return torch.div(order_A, K, rounding_mode="floor")
+
+
 class _GroupedExperts(torch.autograd.Function):
     """The whole routed-expert computation with a backward pass written out (see `grouped_moe`).
 
@@ -205,32 +290,32 @@ class _GroupedExperts(torch.autograd.Function):
         gated: bool,
         host_counts: HostCopy | None = None,
     ) -> torch.Tensor:
-        K = weights_TK.shape[1]
-        token_A = torch.div(order_A, K, rounding_mode="floor")
-        x_AD = x_TD.index_select(0, token_A)
-        h_AP = grouped_linear(x_AD, w_in_EPD, offsets_E, split_sizes)
-        del x_AD
-        a_AF = _activate(h_AP, activation, gated)
-        y_AD = grouped_linear(a_AF, w_down_EDF, offsets_E, split_sizes)
-        del a_AF
+        out_TD, h_AP = experts_forward(
+            x_TD,
+            weights_TK,
+            w_in_EPD,
+            w_down_EDF,
+            order_A,
+            inverse_A,
+            offsets_E,
+            split_sizes,
+            activation,
+            gated,
+        )
         ctx.in_place = (
             gated and _is_silu(activation) and swiglu.use_triton(h_AP) and not saved_tensor_hooks_active()
         )
         ctx.h_AP = h_AP if ctx.in_place else None
         saved_h = None if ctx.in_place else h_AP
-        ctx.save_for_backward(
-            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, saved_h, offsets_E
-        )
+        ctx.save_for_backward(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, saved_h, offsets_E)
         ctx.split_sizes, ctx.activation, ctx.gated = split_sizes, activation, gated
         ctx.host_counts = host_counts
-        return gather_sum(y_AD, inverse_A, weights_TK, K)
+        return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TD: torch.Tensor):
-        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, token_A, h_AP, offsets_E = (
-            ctx.saved_tensors
-        )
+        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E = ctx.saved_tensors
         if ctx.in_place:
             if ctx.h_AP is None:
                 raise RuntimeError(
@@ -239,35 +324,15 @@ class _GroupedExperts(torch.autograd.Function):
                     "moe.implementation: eager"
                 )
             h_AP, ctx.h_AP = ctx.h_AP, None
-        split_sizes, activation, gated = ctx.split_sizes, ctx.activation, ctx.gated
-        T, K = weights_TK.shape
-        E = w_in_EPD.shape[0]
-        # The output gradient in the dtype the experts computed in (autocast may hand fp32).
-        grad_TD = grad_TD.to(x_TD.dtype).contiguous()
-        # dL/dy for each assignment, before its combine weight: the output gradient of its token.
-        g_AD = grad_TD.index_select(0, token_A)
-        d_AF = grouped_linear(g_AD, w_down_EDF.transpose(-2, -1), offsets_E, split_sizes)
-        w_A = weights_TK.reshape(-1).index_select(0, order_A)
-        dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated, ctx.in_place)
-        del d_AF, h_AP
-        grad_w_down = grad_w_in = grad_x = grad_weights = None
-        wgrad_sizes = split_sizes
-        if wgrad_sizes is None and ctx.host_counts is not None:
+        wgrad_sizes = None
+        if ctx.split_sizes is None and ctx.host_counts is not None:
             wgrad_sizes = ctx.host_counts.tolist()  # long since copied by now
-        if ctx.needs_input_grad[3]:
-            grad_w_down = grouped_weight_grad(g_AD, a_w_AF, offsets_E, wgrad_sizes, E)
-        del g_AD, a_w_AF
-        if ctx.needs_input_grad[2]:
-            x_AD = x_TD.index_select(0, token_A)
-            grad_w_in = grouped_weight_grad(dh_AP, x_AD, offsets_E, wgrad_sizes, E)
-            del x_AD
-        if ctx.needs_input_grad[0]:
-            dx_AD = grouped_linear(dh_AP, w_in_EPD.transpose(-2, -1), offsets_E, split_sizes)
-            del dh_AP
-            grad_x = gather_sum(dx_AD, inverse_A, None, K)
-        if ctx.needs_input_grad[1]:
-            grad_weights = dw_A.index_select(0, inverse_A).view(T, K).to(weights_TK.dtype)
-        return grad_x, grad_weights, grad_w_in, grad_w_down, None, None, None, None, None, None, None
+        grads = experts_backward(
+            grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
+            ctx.split_sizes, wgrad_sizes, ctx.activation, ctx.gated, tuple(ctx.needs_input_grad[:4]),
+            in_place=ctx.in_place,
+        )  # fmt: skip
+        return *grads, None, None, None, None, None, None, None
 
 
 def saved_tensor_hooks_active() -> bool:
@@ -345,6 +410,13 @@ def grouped_moe(
     native = grouped_mm_available(x_TD.device, x_TD.dtype, (D, F))
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32) if native else None
     split_sizes = None if native else counts_E.tolist()
+    if offsets_E is not None and gated and _is_silu(activation) and torch.compiler.is_compiling():
+        # one node of the compiled graph that runs the eager path (upcycle.kernels.moe_ops)
+        from upcycle.kernels import moe_ops
+
+        return moe_ops.swiglu_experts(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E)[
+            0
+        ]
     host_counts = None
     if (
         native

@@ -1,0 +1,115 @@
+"""The SwiGLU expert path as two custom operators, so compiled graphs run the eager fast path.
+
+Under `torch.compile`, `upcycle.kernels.grouped_moe` would otherwise be traced op by op: inductor
+then generates its own kernels for the glue between the grouped GEMMs (gathers, SwiGLU and its
+gradient, the combine), and the Triton kernels of `swiglu` / `combine` never run (bench/RESULTS.md,
+"Speed issue, second round": the compiled MoE layer was slower than the eager one on every shape,
+and 6.2 ms of the compiled Mixtral step was this glue). Registered as operators, the forward and
+backward passes are single nodes of the compiled graph that execute exactly the eager code:
+
+- `upcycle::swiglu_experts(x, weights, w_in, w_down, order, inverse, offsets) -> (out, h)`:
+  `grouped_moe.experts_forward` for gated SiLU experts on `torch._grouped_mm` (`offsets` are the
+  int32 cumulative row counts on the device); `h` = [x W_gate^T | x W_up^T] is the one tensor
+  kept for backward, returned so that autograd saves it.
+- `upcycle::swiglu_experts_backward(grad, x, weights, w_in, w_down, order, inverse, h, offsets,
+  needs_x, needs_weights, needs_w_in, needs_w_down) -> (dx, dweights, dw_in, dw_down)`:
+  `grouped_moe.experts_backward`; a gradient that is not needed comes back as an empty tensor.
+
+Both have fake (meta) implementations for tracing, `register_autograd` ties them together, and
+the rest of the layer (router, sort, offsets) stays in inductor's hands. Not carried over from the
+eager path: the SwiGLU gradient written over h (an operator may not mutate a saved input behind
+the compiler's back) and the per-expert weight-gradient GEMMs, whose host-side row counts cannot
+cross a graph; the weight gradients use `torch._grouped_mm` here.
+
+tests/test_compile.py checks the operators with `torch.library.opcheck` and a compiled layer
+against the eager one, bit for bit on the CPU.
+
+Shape letters as in `upcycle.kernels.grouped_moe`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from upcycle.kernels import grouped_moe
+
+_SILU = torch.nn.functional.silu
+
+
+@torch.library.custom_op("upcycle::swiglu_experts", mutates_args=())
+def swiglu_experts(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    w_in_EPD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    order_A: torch.Tensor,
+    inverse_A: torch.Tensor,
+    offsets_E: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return grouped_moe.experts_forward(
+        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, None, _SILU, True
+    )
+
+
+@swiglu_experts.register_fake
+def _swiglu_experts_fake(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E):
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(order_A.shape[0], w_in_EPD.shape[1])
+
+
+@torch.library.custom_op("upcycle::swiglu_experts_backward", mutates_args=())
+def swiglu_experts_backward(
+    grad_TD: torch.Tensor,
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    w_in_EPD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    order_A: torch.Tensor,
+    inverse_A: torch.Tensor,
+    h_AP: torch.Tensor,
+    offsets_E: torch.Tensor,
+    needs_x: bool,
+    needs_weights: bool,
+    needs_w_in: bool,
+    needs_w_down: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    needs = (needs_x, needs_weights, needs_w_in, needs_w_down)
+    grads = grouped_moe.experts_backward(
+        grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
+        None, None, _SILU, True, needs,
+    )  # fmt: skip
+    return tuple(
+        grad if grad is not None else _not_needed(like)
+        for grad, like in zip(grads, (x_TD, weights_TK, w_in_EPD, w_down_EDF), strict=True)
+    )
+
+
+def _not_needed(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+@swiglu_experts_backward.register_fake
+def _swiglu_experts_backward_fake(
+    grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
+    needs_x, needs_weights, needs_w_in, needs_w_down,
+):  # fmt: skip
+    pairs = ((needs_x, x_TD), (needs_weights, weights_TK), (needs_w_in, w_in_EPD), (needs_w_down, w_down_EDF))
+    return tuple(torch.empty_like(like) if needed else _not_needed(like) for needed, like in pairs)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E = inputs
+    _, h_AP = output
+    ctx.mark_non_differentiable(h_AP)
+    ctx.save_for_backward(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E)
+
+
+def _backward(ctx, grad_TD, _grad_h):
+    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:4])
+    grads = swiglu_experts_backward(
+        grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E, *needs
+    )
+    return *(grad if needed else None for grad, needed in zip(grads, needs, strict=True)), None, None, None
+
+
+swiglu_experts.register_autograd(_backward, setup_context=_setup_context)
