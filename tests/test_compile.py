@@ -153,3 +153,37 @@ def test_swiglu_expert_operators_pass_opcheck(frozen):
     grads = moe_ops.swiglu_experts_backward(*backward_args)
     assert [g.numel() > 0 for g in grads] == needs
     assert K == 2
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["grouped-wgrad", "per-expert-wgrad"])
+def test_compiled_backward_finds_the_host_counts_its_forward_sent(loop, monkeypatch):
+    """Few experts on CUDA: the forward operator sends the row counts to the host and the
+    backward operator takes them (per-expert weight-gradient GEMMs). Forced here on the CPU; the
+    gradients stay bit for bit those of the eager path, which takes the same route."""
+    import upcycle.kernels.grouped_moe as grouped
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(grouped, "wants_host_counts", lambda x_TD, num_experts: loop)
+    seen = []
+    original = grouped.grouped_weight_grad
+
+    def spy(g_AO, x_AI, offsets_E, split_sizes, num_experts):
+        seen.append(split_sizes)
+        return original(g_AO, x_AI, offsets_E, split_sizes, num_experts)
+
+    monkeypatch.setattr(grouped, "grouped_weight_grad", spy)
+    inputs = _expert_inputs()
+    counts = torch.bincount(inputs[2].reshape(-1), minlength=4).tolist()
+
+    def experts(x_TD, weights_TK, indices_TK, w_in_EPD, w_down_EDF):
+        return grouped_moe(x_TD, weights_TK, indices_TK, w_in_EPD, w_down_EDF, torch.nn.functional.silu, True)
+
+    grad_TD = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    eager = _run_experts(experts, inputs, grad_TD)
+    assert seen == [counts if loop else None] * 2
+    seen.clear()
+    compiled = _run_experts(torch.compile(experts, fullgraph=True), inputs, grad_TD)
+    assert seen == [counts if loop else None] * 2
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.equal(c, e)
+    assert len(moe_ops._HOST_OFFSETS) == 0  # taken by the backward pass, nothing left behind

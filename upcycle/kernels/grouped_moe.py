@@ -257,6 +257,17 @@ def token_rows(order_A: torch.Tensor, K: int) -> torch.Tensor:
     return torch.div(order_A, K, rounding_mode="floor")
 
 
+def wants_host_counts(x_TD: torch.Tensor, num_experts: int) -> bool:
+    """Whether the weight gradients take one GEMM per expert (`WGRAD_LOOP_MAX_EXPERTS`), for
+    which the forward pass starts the copy of the row counts to the host."""
+    return x_TD.is_cuda and num_experts <= WGRAD_LOOP_MAX_EXPERTS
+
+
+def sizes_from_offsets(offsets_E: list[int]) -> list[int]:
+    """Per-expert row counts from their cumulative sums."""
+    return [end - start for start, end in zip([0, *offsets_E[:-1]], offsets_E, strict=True)]
+
+
 class _GroupedExperts(torch.autograd.Function):
     """The whole routed-expert computation with a backward pass written out (see `grouped_moe`).
 
@@ -420,8 +431,7 @@ def grouped_moe(
     host_counts = None
     if (
         native
-        and x_TD.is_cuda
-        and E <= WGRAD_LOOP_MAX_EXPERTS
+        and wants_host_counts(x_TD, E)
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
     ):

@@ -16,10 +16,15 @@ backward passes are single nodes of the compiled graph that execute exactly the 
   `grouped_moe.experts_backward`; a gradient that is not needed comes back as an empty tensor.
 
 Both have fake (meta) implementations for tracing, `register_autograd` ties them together, and
-the rest of the layer (router, sort, offsets) stays in inductor's hands. Not carried over from the
-eager path: the SwiGLU gradient written over h (an operator may not mutate a saved input behind
-the compiler's back) and the per-expert weight-gradient GEMMs, whose host-side row counts cannot
-cross a graph; the weight gradients use `torch._grouped_mm` here.
+the rest of the layer (router, sort, offsets) stays in inductor's hands.
+
+The per-expert weight-gradient GEMMs of layers with few experts (`grouped_moe.wants_host_counts`)
+need the row counts on the host. A host list cannot cross a graph, so the forward operator starts
+their copy (`HostCopy`) and files it under its output h in a weak dictionary; the backward
+operator, which receives that same h, takes it from there. Where it does not find it (h reached
+backward as another tensor object) the weight gradients run on `torch._grouped_mm`: the same
+result, never a wrong one. Not carried over from the eager path: the SwiGLU gradient written over
+h (an operator may not mutate a saved input behind the compiler's back).
 
 tests/test_compile.py checks the operators with `torch.library.opcheck` and a compiled layer
 against the eager one, bit for bit on the CPU.
@@ -30,10 +35,14 @@ Shape letters as in `upcycle.kernels.grouped_moe`.
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from upcycle.kernels import grouped_moe
+from upcycle.kernels.host_copy import HostCopy
 
 _SILU = torch.nn.functional.silu
+# h_AP of a forward call -> its cumulative row counts on their way to the host
+_HOST_OFFSETS = WeakTensorKeyDictionary()
 
 
 @torch.library.custom_op("upcycle::swiglu_experts", mutates_args=())
@@ -46,9 +55,12 @@ def swiglu_experts(
     inverse_A: torch.Tensor,
     offsets_E: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return grouped_moe.experts_forward(
+    out_TD, h_AP = grouped_moe.experts_forward(
         x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, None, _SILU, True
     )
+    if grouped_moe.wants_host_counts(x_TD, w_in_EPD.shape[0]):
+        _HOST_OFFSETS[h_AP] = HostCopy(offsets_E)
+    return out_TD, h_AP
 
 
 @swiglu_experts.register_fake
@@ -73,9 +85,11 @@ def swiglu_experts_backward(
     needs_w_down: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     needs = (needs_x, needs_weights, needs_w_in, needs_w_down)
+    pending = _HOST_OFFSETS.pop(h_AP, None)
+    wgrad_sizes = grouped_moe.sizes_from_offsets(pending.tolist()) if pending is not None else None
     grads = grouped_moe.experts_backward(
         grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
-        None, None, _SILU, True, needs,
+        None, wgrad_sizes, _SILU, True, needs,
     )  # fmt: skip
     return tuple(
         grad if grad is not None else _not_needed(like)
