@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from upcycle.kernels.wide_attention import WideLayout
 from upcycle.model.attention import Attention, build_attention_mask
@@ -311,6 +312,63 @@ def test_wide_bf16_close_to_fp32_reference() -> None:
     reference_BSD, _ = moa(*inputs)
     moa.to(torch.bfloat16).implementation = "wide"
     out_BSD, _ = moa(*(t if t is None or t.dtype == torch.bool else t.bfloat16() for t in inputs))
+    assert out_BSD.dtype == torch.bfloat16
+    relative_error = (out_BSD.float() - reference_BSD).norm() / reference_BSD.norm()
+    assert relative_error < 2e-2
+
+
+class _WeightSizedWrites(TorchDispatchMode):
+    """Records aten ops that write a tensor of at least `numel` elements (weight-sized copies)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        written = out[0] if isinstance(out, (tuple, list)) else out
+        copying = func.overloadpacket in (
+            torch.ops.aten.copy_,
+            torch.ops.aten.cat,
+            torch.ops.aten.clone,
+            torch.ops.aten._to_copy,
+        )
+        if copying and isinstance(written, torch.Tensor) and written.numel() >= self.numel:
+            self.ops.append(str(func.overloadpacket.__name__))
+        return out
+
+
+@pytest.mark.parametrize("master", ["bf16-weights", "fp32-weights-autocast"])
+@pytest.mark.parametrize("extras", ["plain", "bias"])
+@pytest.mark.parametrize("share_kv", [False, True], ids=["expert_kv", "shared_kv"])
+def test_wide_weights_are_built_in_one_pass_in_the_gemm_dtype(
+    share_kv: bool, extras: str, master: str
+) -> None:
+    """Each concatenated wide weight (W_q|W_k|W_v where the heads need reordering, W_o always)
+    is written once, already in autocast's dtype: no permuted temporary, no separate cast.
+    Expert-KV without biases projects from views (no wide W_qkv at all). And the result is the
+    eager loop's within bf16 rounding."""
+    torch.manual_seed(8)
+    config = make_config(4, 2, extras, num_experts=3, share_kv=share_kv)
+    moa = MixtureOfAttention(config, 0)
+    randomise(moa)
+    inputs = make_inputs(config, padded=False)
+    moa.implementation = "eager"
+    reference_BSD, _ = moa(*inputs)
+    bf16 = master == "bf16-weights"
+    if bf16:
+        moa.to(torch.bfloat16)
+        inputs = tuple(t if t is None or t.dtype == torch.bool else t.bfloat16() for t in inputs)
+    moa.implementation = "wide"
+    weight_numel = moa.experts.o_proj.numel()
+    recorder = _WeightSizedWrites(weight_numel)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not bf16), recorder:
+        out_BSD, _ = moa(*inputs)
+    if share_kv or extras == "bias":  # W_qkv and W_o: one copy each
+        expected = ["copy_", "copy_"]
+    else:  # W_o; W_q is a view, which autocast casts once (as it would any nn.Linear weight)
+        expected = ["copy_"] if bf16 else ["_to_copy", "copy_"]
+    assert sorted(recorder.ops) == expected, recorder.ops
     assert out_BSD.dtype == torch.bfloat16
     relative_error = (out_BSD.float() - reference_BSD).norm() / reference_BSD.norm()
     assert relative_error < 2e-2

@@ -27,9 +27,12 @@ query head i reads KV head i // (Hq / Hkv): consecutive query heads share a KV h
   [Hk, E, r], wide head (h // r)·E·r + e·r + h % r. The weight rows of W_q and the columns of
   W_o are permuted into this order when they are concatenated, so the activations never are.
 
-Where they are needed, the concatenations copy the weights once per call (E·(H + 2·Hk)·Dh·D elements): small next to
-the GEMMs for any realistic token count, and it keeps the parameters in their natural per-expert
-layout for checkpoints and recipes.
+Where they are needed, the concatenated weights are built once per call (E·(H + 2·Hk)·Dh·D
+elements): small next to the GEMMs for any realistic token count, and it keeps the parameters in
+their natural per-expert layout for checkpoints and recipes. Each is one pass (`_wide_weight`): the
+permuted parameter is copied straight into its rows of the wide matrix, already in the dtype the
+GEMM runs in (autocast's, for fp32 master weights), rather than permuted into a temporary,
+concatenated and cast by autocast, which read and wrote the weights up to three times.
 
 Shape letters: B batch, S sequence, D model width, E experts, H query heads per expert, Hk KV
 heads per expert (or shared), Dh head width, X wide query heads (E·H), Y wide KV heads (E·Hk for
@@ -80,6 +83,38 @@ class WideLayout:
         """Per-expert KV tensor [..., E, Hk, ...] → [..., E·Hk, ...]; shared tensors pass through."""
         return t if self.share_kv else t.flatten(dim, dim + 1)
 
+    def per_expert_view(self, wide: torch.Tensor, dim: int) -> torch.Tensor:
+        """A view [..., E, Hk, r, ...] of a tensor [..., X, ...] in wide query-head order (the
+        inverse of `to_wide_heads`, as a view: writing into it fills the wide tensor)."""
+        E, Hk, r = self.num_experts, self.num_kv_heads, self.group_size
+        if not self.share_kv:
+            return wide.unflatten(dim, (E, Hk, r))
+        return wide.unflatten(dim, (Hk, E, r)).movedim(dim + 1, dim)
+
+
+def _gemm_dtype(weight: torch.Tensor, device_type: str) -> torch.dtype:
+    """The dtype a matrix product with `weight` runs in: autocast's where it is on, else its own."""
+    if weight.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _wide_weight(
+    per_expert_EHkrDhD: torch.Tensor, others: list[torch.Tensor], layout: WideLayout, device_type: str
+) -> torch.Tensor:
+    """[X·Dh + Σ rows of others, D]: the per-expert weight (viewed [E, Hk, r, Dh, D], any strides)
+    in wide head order, then `others` (2-D), written in one pass in the GEMM's dtype."""
+    E, Hk, r, Dh, D = per_expert_EHkrDhD.shape
+    rows = [E * Hk * r * Dh] + [t.shape[0] for t in others]
+    wide_ND = per_expert_EHkrDhD.new_empty(sum(rows), D, dtype=_gemm_dtype(per_expert_EHkrDhD, device_type))
+    # narrow, not split: autograd allows in-place writes into single views only
+    layout.per_expert_view(wide_ND.narrow(0, 0, rows[0]).view(-1, Dh, D), 0).copy_(per_expert_EHkrDhD)
+    start = rows[0]
+    for source in others:
+        wide_ND.narrow(0, start, source.shape[0]).copy_(source)
+        start += source.shape[0]
+    return wide_ND
+
 
 def project_qkv(
     u_BSD: torch.Tensor,
@@ -104,8 +139,11 @@ def project_qkv(
         # weights, no per-call concatenation (and no split of its gradient) at all.
         q_BSN, k_BSN, v_BSN = (F.linear(u_BSD, w.reshape(-1, D)) for w in (q_proj_END, k_proj, v_proj))
         return q_BSN.unflatten(-1, (X, Dh)), k_BSN.unflatten(-1, (Y, Dh)), v_BSN.unflatten(-1, (Y, Dh))
-    w_q_XDhD = layout.to_wide_heads(q_proj_END.view(E, H, Dh, D), 0)
-    w_qkv_ND = torch.cat([w_q_XDhD.reshape(-1, D), k_proj.reshape(-1, D), v_proj.reshape(-1, D)])
+    Hk, r = layout.num_kv_heads, layout.group_size
+    w_q_EHkrDhD = q_proj_END.view(E, Hk, r, Dh, D)
+    w_qkv_ND = _wide_weight(
+        w_q_EHkrDhD, [k_proj.reshape(-1, D), v_proj.reshape(-1, D)], layout, u_BSD.device.type
+    )
     b_qkv_N = None
     if q_bias is not None:
         assert k_bias is not None and v_bias is not None
@@ -136,8 +174,8 @@ def gate_and_project_out(
         gated_BSXDh = scale_rows(heads_BSXDh.view(-1, Dh), gate_BSX.reshape(-1)).view(B, S, X, Dh)
     else:
         gated_BSXDh = heads_BSXDh * gate_BSX[..., None]
-    w_o_EHDhD = o_proj_EDN.view(E, D, H, Dh).permute(0, 2, 3, 1)
-    w_o_ND = layout.to_wide_heads(w_o_EHDhD, 0).reshape(X * Dh, D)
+    w_o_EHkrDhD = o_proj_EDN.view(E, D, layout.num_kv_heads, layout.group_size, Dh).permute(0, 2, 3, 4, 1)
+    w_o_ND = _wide_weight(w_o_EHkrDhD, [], layout, heads_BXSDh.device.type)
     out_BSD = F.linear(gated_BSXDh.reshape(B, S, X * Dh), w_o_ND.T)
     if o_bias_ED is not None:
         out_BSD = out_BSD + gate_BSE @ o_bias_ED
