@@ -22,7 +22,7 @@ if has gemm; then
   tail -20 "$OUT/gemm.txt"
 fi
 if has profile; then
-  for c in "moe S2" "dense S2" "moe S3 --compile" "dense S3" "attention dense" "attention expert-KV" \
+  for c in "moe S2" "dense S2" "moe S3 --compile" "dense S3" "attention dense" "attention expert-KV" "attention shared-KV" \
     "step mixtral --compile"; do
     timeout 100 python3 bench/gpu_profile.py $c --top 30 >> "$OUT/profile.md" 2>> "$OUT/profile_err.txt"
   done
