@@ -9,7 +9,14 @@ import torch
 import yaml
 from cli_helpers import assert_refused, run_cli
 from safetensors.torch import load_file
-from test_train_helpers import DENSE, one_thread, prepared_data_fixture, train_config, train_records  # noqa: F401
+from test_train_helpers import (  # noqa: F401
+    DENSE,
+    LOSS_FAULTS,
+    one_thread,
+    prepared_data_fixture,
+    train_config,
+    train_records,
+)
 
 import upcycle.train.step as step_module
 from upcycle.checkpoint import save_native
@@ -22,22 +29,8 @@ from upcycle.train.losses import LossParts, training_loss
 INJECT_AT_STEP = 3
 
 
-class _NanGradient(torch.autograd.Function):
-    """Identity forward, NaN gradient: a finite loss whose gradient norm is not finite."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
 INJECTIONS = {
-    "nan": lambda total: total * float("nan"),
-    "inf": lambda total: total + float("inf"),
-    "nan_gradient": _NanGradient.apply,
+    **LOSS_FAULTS,
     "1.5": lambda total: total - total.detach() + 1.5,  # the value 1.5, the same gradient
 }
 

@@ -4,6 +4,7 @@
   trained here (vocabulary 320), prepared once for every training test;
 - `train_config(...)`: a tiny, fast config dict over that data;
 - `DENSE`, `MOE`: tiny model configs;
+- `LOSS_FAULTS`: ways to make a step's loss (or only its gradient) non-finite, by name;
 - `one_thread`: the tests run torch on one thread, which on a small shared machine is both
   faster for these tiny models and the same in every process (bitwise comparisons between a
   subprocess and this process need the same thread count).
@@ -37,6 +38,25 @@ DENSE = dict(
     num_key_value_heads=2,
 )
 MOE = dict(DENSE, moe=dict(num_experts=4, top_k=2, implementation="eager"))
+
+
+class NanGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss whose gradient norm is not finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+LOSS_FAULTS = {
+    "nan": lambda total: total * float("nan"),
+    "inf": lambda total: total + float("inf"),
+    "nan_gradient": NanGradient.apply,
+}
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from test_train_helpers import LOSS_FAULTS
 
 import upcycle.train.step as step_module
 from upcycle.data import Batch
@@ -85,25 +86,6 @@ def test_compiled_loss_matches_the_eager_loss() -> None:
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-class _NanGradient(torch.autograd.Function):
-    """Identity forward, NaN gradient: a finite loss whose gradient norm is not finite."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-FAULTS = {
-    "nan": lambda total: total * float("nan"),
-    "inf": lambda total: total + float("inf"),
-    "nan_gradient": _NanGradient.apply,
-}
-
-
 def snapshot(step: TrainStep) -> dict[str, torch.Tensor]:
     """Every parameter and every AdamW state tensor (moments, step counts), cloned."""
     out = {f"param:{name}": p.detach().clone() for name, p in step.model.named_parameters()}
@@ -115,7 +97,7 @@ def snapshot(step: TrainStep) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("clip", [1.0, None], ids=["clip", "no-clip"])
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("fault", sorted(LOSS_FAULTS))
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_fused_order_leaves_everything_untouched_on_a_non_finite_step(policy, fault, clip, monkeypatch):
     calls = []
@@ -124,7 +106,7 @@ def test_fused_order_leaves_everything_untouched_on_a_non_finite_step(policy, fa
         calls.append(None)
         parts = training_loss(output, labels_BS, *cross_entropy)
         if len(calls) == 2:
-            return LossParts(FAULTS[fault](parts.total), parts.lm, parts.aux_by_kind)
+            return LossParts(LOSS_FAULTS[fault](parts.total), parts.lm, parts.aux_by_kind)
         return parts
 
     monkeypatch.setattr(step_module, "training_loss", faulty_loss)
