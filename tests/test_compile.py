@@ -144,8 +144,10 @@ def test_swiglu_expert_operators_pass_opcheck(frozen):
     inverse_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(order_A.numel()))
     offsets_E = torch.bincount(expert_A, minlength=4).cumsum(0).to(torch.int32)
     args = (x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E)
-    torch.library.opcheck(moe_ops.swiglu_experts, args)
-    out_TD, h_AP = moe_ops.swiglu_experts(*args)
+    torch.library.opcheck(moe_ops.swiglu_experts, (*args, True))
+    for op in (torch.ops.upcycle.swiglu_experts, torch.ops.upcycle.swiglu_experts_backward):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags  # a replay would reuse captured counts
+    out_TD, h_AP = moe_ops.swiglu_experts(*args, True)
     grad_TD = torch.randn_like(out_TD)
     needs = [t.requires_grad for t in args[:4]]
     backward_args = (grad_TD, *[t.detach() for t in args[:4]], order_A, inverse_A, h_AP, offsets_E, *needs)
@@ -187,3 +189,13 @@ def test_compiled_backward_finds_the_host_counts_its_forward_sent(loop, monkeypa
     for e, c in zip(eager, compiled, strict=True):
         assert torch.equal(c, e)
     assert len(moe_ops._HOST_OFFSETS) == 0  # taken by the backward pass, nothing left behind
+    # inference (no backward to follow): the compiled forward sends no counts at all
+    copies = []
+    monkeypatch.setattr(moe_ops, "HostCopy", lambda t: copies.append(t) or grouped.HostCopy(t))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(experts, fullgraph=True)(*inputs)
+    assert copies == []
+    if loop:  # while a compiled training forward does
+        torch.compile(experts, fullgraph=True)(*inputs).sum().backward()
+        assert len(copies) == 1

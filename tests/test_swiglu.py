@@ -203,6 +203,49 @@ def test_grouped_path_saves_one_pre_activation_per_layer() -> None:
     assert all(leaf.grad is not None for leaf in leaves)
 
 
+def test_in_place_backward_frees_h_before_the_dx_combine(monkeypatch) -> None:
+    """With the in-place SwiGLU backward (CUDA), dh is written over h and must be freed right
+    after the dx GEMM, before the dx gather-sum: nothing outside experts_backward may still hold
+    h. Emulated on the CPU: the torch SwiGLU backward, its results copied over h and d."""
+    import weakref
+
+    import upcycle.kernels.grouped_moe as grouped
+
+    def backward_in_place(h, d, w, in_place=False):
+        dh, dw, aw = swiglu.swiglu_backward_torch(h, d, w)
+        assert in_place
+        return h.copy_(dh), dw, d.copy_(aw)
+
+    monkeypatch.setattr(swiglu, "use_triton", lambda h: True)
+    monkeypatch.setattr(swiglu, "swiglu_forward", swiglu.swiglu_forward_torch)
+    monkeypatch.setattr(swiglu, "swiglu_backward", backward_in_place)
+    h_refs, alive_at_dx_combine = [], []
+    forward = grouped.experts_forward
+
+    def recording_forward(*args):
+        out, h = forward(*args)
+        h_refs.append(weakref.ref(h))
+        return out, h
+
+    combine = grouped.gather_sum
+
+    def recording_combine(src, index, weights, K):
+        if weights is None:  # the backward's dx un-permute
+            alive_at_dx_combine.append(h_refs[0]() is not None)
+        return combine(src, index, weights, K)
+
+    monkeypatch.setattr(grouped, "experts_forward", recording_forward)
+    monkeypatch.setattr(grouped, "gather_sum", recording_combine)
+    data = routed(32, 4, 2, 16, 8, torch.float32, seed=21)
+    g = torch.randn(32, 16, generator=torch.Generator().manual_seed(22))
+    out, grads = gradients(grouped_moe, *data, F.silu, True, g)
+    assert alive_at_dx_combine == [False]
+    out_ref, grads_ref = gradients(eager_experts, *data, F.silu, True, g)
+    assert close(out, out_ref) < 1e-6
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert close(grad, grad_ref) < 1e-6
+
+
 def test_saved_tensor_hooks_are_seen_inside_activation_checkpointing() -> None:
     """Under checkpointing the grouped path must save h normally (not hold it on ctx)."""
     from torch.utils.checkpoint import checkpoint

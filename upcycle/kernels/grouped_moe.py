@@ -207,7 +207,7 @@ def experts_backward(
     w_down_EDF: torch.Tensor,
     order_A: torch.Tensor,
     inverse_A: torch.Tensor,
-    h_AP: torch.Tensor,
+    h_AP: torch.Tensor | list[torch.Tensor],
     offsets_E: torch.Tensor | None,
     split_sizes: list[int] | None,
     wgrad_sizes: list[int] | None,
@@ -220,8 +220,11 @@ def experts_backward(
 
     `wgrad_sizes`: per-expert row counts on the host for the per-expert weight-gradient GEMMs
     (None: `torch._grouped_mm`, or `split_sizes`' segment loop). `in_place`: the SwiGLU kernel
-    writes over h_AP (the caller gives it up).
+    writes over h_AP (the caller gives it up). `h_AP` may come in a one-element list, which is
+    emptied, so that no reference outside this function keeps it alive.
     """
+    if isinstance(h_AP, list):
+        h_AP = h_AP.pop()
     needs_x, needs_weights, needs_w_in, needs_w_down = needs_grad
     T, K = weights_TK.shape
     E = w_in_EPD.shape[0]
@@ -326,24 +329,32 @@ class _GroupedExperts(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TD: torch.Tensor):
-        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E = ctx.saved_tensors
-        if ctx.in_place:
-            if ctx.h_AP is None:
-                raise RuntimeError(
-                    "the grouped MoE path reuses its saved activation during backward, so it can be "
-                    "differentiated once only; for retain_graph=True or double backward set "
-                    "moe.implementation: eager"
-                )
-            h_AP, ctx.h_AP = ctx.h_AP, None
+        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, saved_h, offsets_E = ctx.saved_tensors
         wgrad_sizes = None
         if ctx.split_sizes is None and ctx.host_counts is not None:
             wgrad_sizes = ctx.host_counts.tolist()  # long since copied by now
+        # In place, h goes to experts_backward in a list it empties, with no reference left here
+        # (an argument would stay referenced by this frame), so that it is freed (as dh) as soon
+        # as experts_backward is done with it.
         grads = experts_backward(
-            grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
+            grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A,
+            [_GroupedExperts._take_h(ctx)] if ctx.in_place else saved_h, offsets_E,
             ctx.split_sizes, wgrad_sizes, ctx.activation, ctx.gated, tuple(ctx.needs_input_grad[:4]),
             in_place=ctx.in_place,
         )  # fmt: skip
         return *grads, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _take_h(ctx) -> torch.Tensor:
+        """h_AP held on ctx by an in-place forward; ctx lets go of it (one backward only)."""
+        if ctx.h_AP is None:
+            raise RuntimeError(
+                "the grouped MoE path reuses its saved activation during backward, so it can be "
+                "differentiated once only; for retain_graph=True or double backward set "
+                "moe.implementation: eager"
+            )
+        h_AP, ctx.h_AP = ctx.h_AP, None
+        return h_AP
 
 
 def saved_tensor_hooks_active() -> bool:
@@ -425,9 +436,13 @@ def grouped_moe(
         # one node of the compiled graph that runs the eager path (upcycle.kernels.moe_ops)
         from upcycle.kernels import moe_ops
 
-        return moe_ops.swiglu_experts(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E)[
-            0
-        ]
+        keep_counts = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x_TD, weights_TK, w_in_EPD, w_down_EDF)
+        )
+        out_TD, _ = moe_ops.swiglu_experts(
+            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts
+        )
+        return out_TD
     host_counts = None
     if (
         native

@@ -7,7 +7,7 @@ gradient, the combine), and the Triton kernels of `swiglu` / `combine` never run
 and 6.2 ms of the compiled Mixtral step was this glue). Registered as operators, the forward and
 backward passes are single nodes of the compiled graph that execute exactly the eager code:
 
-- `upcycle::swiglu_experts(x, weights, w_in, w_down, order, inverse, offsets) -> (out, h)`:
+- `upcycle::swiglu_experts(x, weights, w_in, w_down, order, inverse, offsets, keep_counts) -> (out, h)`:
   `grouped_moe.experts_forward` for gated SiLU experts on `torch._grouped_mm` (`offsets` are the
   int32 cumulative row counts on the device); `h` = [x W_gate^T | x W_up^T] is the one tensor
   kept for backward, returned so that autograd saves it.
@@ -23,7 +23,8 @@ need the row counts on the host. A host list cannot cross a graph, so the forwar
 their copy (`HostCopy`) and files it under its output h in a weak dictionary; the backward
 operator, which receives that same h, takes it from there. Where it does not find it (h reached
 backward as another tensor object) the weight gradients run on `torch._grouped_mm`: the same
-result, never a wrong one. Not carried over from the eager path: the SwiGLU gradient written over
+result, never a wrong one. Both operators are tagged `cudagraph_unsafe` (a replayed graph would
+reuse the counts of its capture) and file or read no counts while a CUDA graph is captured. Not carried over from the eager path: the SwiGLU gradient written over
 h (an operator may not mutate a saved input behind the compiler's back).
 
 tests/test_compile.py checks the operators with `torch.library.opcheck` and a compiled layer
@@ -45,7 +46,15 @@ _SILU = torch.nn.functional.silu
 _HOST_OFFSETS = WeakTensorKeyDictionary()
 
 
-@torch.library.custom_op("upcycle::swiglu_experts", mutates_args=())
+# A CUDA graph would replay the host counts of its capture: the operators must stay outside one.
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@torch.library.custom_op("upcycle::swiglu_experts", mutates_args=(), tags=_TAGS)
 def swiglu_experts(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -54,21 +63,29 @@ def swiglu_experts(
     order_A: torch.Tensor,
     inverse_A: torch.Tensor,
     offsets_E: torch.Tensor,
+    keep_counts: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`keep_counts` (decided when the graph is traced: a backward pass will follow): start the
+    row counts' copy to the host for the per-expert weight gradients. It is queued before the
+    GEMMs, so that the backward pass finds it done, or waits only while the GPU still has this
+    forward's work queued (a forward recomputed by activation checkpointing)."""
+    pending = None
+    if keep_counts and grouped_moe.wants_host_counts(x_TD, w_in_EPD.shape[0]) and not _capturing(x_TD):
+        pending = HostCopy(offsets_E)
     out_TD, h_AP = grouped_moe.experts_forward(
         x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, None, _SILU, True
     )
-    if grouped_moe.wants_host_counts(x_TD, w_in_EPD.shape[0]):
-        _HOST_OFFSETS[h_AP] = HostCopy(offsets_E)
+    if pending is not None:
+        _HOST_OFFSETS[h_AP] = pending
     return out_TD, h_AP
 
 
 @swiglu_experts.register_fake
-def _swiglu_experts_fake(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E):
+def _swiglu_experts_fake(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts):
     return x_TD.new_empty(x_TD.shape), x_TD.new_empty(order_A.shape[0], w_in_EPD.shape[1])
 
 
-@torch.library.custom_op("upcycle::swiglu_experts_backward", mutates_args=())
+@torch.library.custom_op("upcycle::swiglu_experts_backward", mutates_args=(), tags=_TAGS)
 def swiglu_experts_backward(
     grad_TD: torch.Tensor,
     x_TD: torch.Tensor,
@@ -86,7 +103,9 @@ def swiglu_experts_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     needs = (needs_x, needs_weights, needs_w_in, needs_w_down)
     pending = _HOST_OFFSETS.pop(h_AP, None)
-    wgrad_sizes = grouped_moe.sizes_from_offsets(pending.tolist()) if pending is not None else None
+    wgrad_sizes = None
+    if pending is not None and not _capturing(h_AP):
+        wgrad_sizes = grouped_moe.sizes_from_offsets(pending.tolist())
     grads = grouped_moe.experts_backward(
         grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
         None, wgrad_sizes, _SILU, True, needs,
@@ -111,7 +130,7 @@ def _swiglu_experts_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E = inputs
+    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, _ = inputs
     _, h_AP = output
     ctx.mark_non_differentiable(h_AP)
     ctx.save_for_backward(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E)
@@ -123,7 +142,13 @@ def _backward(ctx, grad_TD, _grad_h):
     grads = swiglu_experts_backward(
         grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E, *needs
     )
-    return *(grad if needed else None for grad, needed in zip(grads, needs, strict=True)), None, None, None
+    return (
+        *(grad if needed else None for grad, needed in zip(grads, needs, strict=True)),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 swiglu_experts.register_autograd(_backward, setup_context=_setup_context)

@@ -156,8 +156,15 @@ class TrainStep:
         values = self._reduce(sums, norm)
         pending = HostCopy(values)
         found_inf = (~(torch.isfinite(values[0]) & torch.isfinite(values[-1]))).float()
+        stateless = [p for p in self.trainable if p not in self.optimizer.state]
         self._clip_and_step(norm, found_inf)
-        return self._result(step, lr, pending.tolist(), aux_kinds, passes)
+        result = self._result(step, lr, pending.tolist(), aux_kinds, passes)
+        if not self._finite(result):
+            # a skipped first step still created AdamW's state (zero moments, step 0): drop it,
+            # so that checkpoints hold what the plain order leaves, no state at all
+            for parameter in stateless:
+                self.optimizer.state.pop(parameter, None)
+        return result
 
     def _clip_and_step(self, norm: torch.Tensor, found_inf: torch.Tensor | None = None) -> None:
         """Clip to `clip_grad_norm` with the norm already computed, then the optimiser step.
