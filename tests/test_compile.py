@@ -30,6 +30,13 @@ CASES = {
         moe={**MOE, "top_k": 1, "routing": "softmax_topk"},
         moa={"num_experts": 2, "share_kv": False, "routing": "soft"},
     ),
+    "bam-shared-kv-bias": ModelConfig(
+        **BASE,
+        block="parallel",
+        qkv_bias=True,
+        moe={**MOE, "top_k": 1, "routing": "softmax_topk"},
+        moa={"num_experts": 2, "share_kv": True, "routing": "soft"},
+    ),
 }
 
 
