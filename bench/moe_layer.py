@@ -440,6 +440,18 @@ def run_shape(
                 grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = limit
 
         impls.append(Impl("ours grouped, grouped wgrad", all_grouped, moe_params, weights.w_in, "ours"))
+
+    # The row gathers fused into Triton grouped GEMMs (opt-in, upcycle/kernels/gather_gemm.py):
+    # the evidence for turning grouped_moe.GATHER_GEMM on or leaving it off.
+    def fused_gathers(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:
+        grouped_moe_kernel.GATHER_GEMM = True  # read in forward, kept for its backward
+        try:
+            return moe(x)[0]
+        finally:
+            grouped_moe_kernel.GATHER_GEMM = False
+
+    if device.type == "cuda":
+        impls.append(Impl("ours grouped, fused gathers", fused_gathers, moe_params, weights.w_in, "ours"))
     if compile_:
         compiled = torch.compile(ours["grouped"], dynamic=False)
         impls.append(Impl("ours grouped compiled", ours_forward(compiled), moe_params, weights.w_in, "ours"))

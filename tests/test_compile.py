@@ -221,8 +221,8 @@ def test_compiled_bf16_moe_model_runs_its_experts_through_the_operator_and_match
     proxy = types.SimpleNamespace(
         **{name: getattr(grouped, name) for name in dir(grouped) if not name.startswith("__")}
     )
-    proxy.experts_forward = lambda *args: calls.append("forward") or grouped.experts_forward(*args)
-    proxy.experts_backward = lambda *args: calls.append("backward") or grouped.experts_backward(*args)
+    proxy.experts_forward = lambda *a, **k: calls.append("forward") or grouped.experts_forward(*a, **k)
+    proxy.experts_backward = lambda *a, **k: calls.append("backward") or grouped.experts_backward(*a, **k)
     monkeypatch.setattr(moe_ops, "grouped_moe", proxy)
     config = CASES["moe"]
     eager = init_weights(Transformer(config), seed=0).to(torch.bfloat16).train()

@@ -7,6 +7,8 @@
   gather-sums over each token's rows, row scaling) as Triton kernels on the GPU, each with the
   torch version used everywhere else.
 - `moe_ops`: the SwiGLU expert path as custom operators, so compiled graphs run it as eager does.
+- `gather_gemm`: grouped GEMMs that read token rows by index (opt-in `grouped_moe.GATHER_GEMM`,
+  Triton), removing the expert path's three row gathers.
 - `host_copy`: small device tensors copied to the host without stalling the GPU's queue.
 
 Kernels take plain tensors and callables, never model modules or configs, so that `model/` can

@@ -38,6 +38,8 @@ What runs where (`grouped_mm_available`):
   GEMM per expert on row slices, with counts that reached the host during the forward pass.
 - Element-wise glue (SwiGLU, the combine's gather-sum): Triton kernels on CUDA in eager mode,
   torch expressions elsewhere (`upcycle.kernels.swiglu`, `upcycle.kernels.combine`).
+- Opt-in (`GATHER_GEMM`): the three row gathers fused into Triton grouped GEMMs that read token
+  rows by index (`upcycle.kernels.gather_gemm`), on CUDA; off until measured faster.
 - Under `torch.compile`, gated SiLU experts on `torch._grouped_mm` are two custom operators
   (`upcycle.kernels.moe_ops`) that run `experts_forward` / `experts_backward` as in eager mode,
   Triton glue included; other activations are traced op by op into the graph.
@@ -54,6 +56,7 @@ output widths of one grouped GEMM.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -61,6 +64,7 @@ from torch.torch_version import TorchVersion
 
 from upcycle.kernels import swiglu
 from upcycle.kernels.combine import gather_sum
+from upcycle.kernels.gather_gemm import gather_grouped_mm, gather_grouped_wgrad
 from upcycle.kernels.host_copy import HostCopy
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -175,6 +179,24 @@ def grouped_weight_grad(
 WGRAD_LOOP_MAX_EXPERTS = 16
 
 
+# Opt-in: the row gathers fused into Triton grouped GEMMs (`upcycle.kernels.gather_gemm`), in
+# place of index_select + torch._grouped_mm. Off until a GPU benchmark shows it faster
+# (bench/moe_layer.py, row "ours grouped, fused gathers").
+GATHER_GEMM = False
+
+
+def use_gather_gemm(x_TD: torch.Tensor, offsets_E: torch.Tensor | None) -> bool:
+    """Whether the expert path reads token rows inside its GEMMs (`GATHER_GEMM`): on CUDA, or
+    on the CPU under Triton's interpreter (the tests), with device offsets (native grouped path)."""
+    return (
+        GATHER_GEMM
+        and offsets_E is not None
+        and not torch.compiler.is_compiling()
+        and swiglu.triton_installed()
+        and (x_TD.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    )
+
+
 def experts_forward(
     x_TD: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -186,13 +208,20 @@ def experts_forward(
     split_sizes: list[int] | None,
     activation: Callable[[torch.Tensor], torch.Tensor],
     gated: bool,
+    gather_gemm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out_TD, h_AP): the expert path's forward pass, shared by `_GroupedExperts` and the
-    compiled graphs' custom op (`upcycle.kernels.moe_ops`)."""
+    compiled graphs' custom op (`upcycle.kernels.moe_ops`). `gather_gemm`: the first GEMM reads
+    the token rows by index (`use_gather_gemm`)."""
     K = weights_TK.shape[1]
-    x_AD = x_TD.index_select(0, token_rows(order_A, K))
-    h_AP = grouped_linear(x_AD, w_in_EPD, offsets_E, split_sizes)
-    del x_AD
+    token_A = token_rows(order_A, K)
+    if gather_gemm:
+        assert offsets_E is not None
+        h_AP = gather_grouped_mm(x_TD, token_A, w_in_EPD, offsets_E, "nk")
+    else:
+        x_AD = x_TD.index_select(0, token_A)
+        h_AP = grouped_linear(x_AD, w_in_EPD, offsets_E, split_sizes)
+        del x_AD
     a_AF = _activate(h_AP, activation, gated)
     y_AD = grouped_linear(a_AF, w_down_EDF, offsets_E, split_sizes)
     del a_AF
@@ -215,13 +244,16 @@ def experts_backward(
     gated: bool,
     needs_grad: tuple[bool, bool, bool, bool],
     in_place: bool = False,
+    gather_gemm: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx_TD, dweights_TK, dw_in_EPD, dw_down_EDF), each None where `needs_grad` says so.
 
     `wgrad_sizes`: per-expert row counts on the host for the per-expert weight-gradient GEMMs
     (None: `torch._grouped_mm`, or `split_sizes`' segment loop). `in_place`: the SwiGLU kernel
     writes over h_AP (the caller gives it up). `h_AP` may come in a one-element list, which is
-    emptied, so that no reference outside this function keeps it alive.
+    emptied, so that no reference outside this function keeps it alive. `gather_gemm`: the
+    GEMMs read token rows by index instead of from gathered copies (`use_gather_gemm`; the
+    per-expert weight-gradient GEMMs are then not used).
     """
     if isinstance(h_AP, list):
         h_AP = h_AP.pop()
@@ -232,17 +264,26 @@ def experts_backward(
     # The output gradient in the dtype the experts computed in (autocast may hand fp32).
     grad_TD = grad_TD.to(x_TD.dtype).contiguous()
     # dL/dy for each assignment, before its combine weight: the output gradient of its token.
-    g_AD = grad_TD.index_select(0, token_A)
-    d_AF = grouped_linear(g_AD, w_down_EDF.transpose(-2, -1), offsets_E, split_sizes)
+    if gather_gemm:
+        assert offsets_E is not None
+        g_AD = None
+        d_AF = gather_grouped_mm(grad_TD, token_A, w_down_EDF, offsets_E, "kn")
+    else:
+        g_AD = grad_TD.index_select(0, token_A)
+        d_AF = grouped_linear(g_AD, w_down_EDF.transpose(-2, -1), offsets_E, split_sizes)
     w_A = weights_TK.reshape(-1).index_select(0, order_A)
     dh_AP, dw_A, a_w_AF = _activate_backward(h_AP, d_AF, w_A, activation, gated, in_place)
     del d_AF, h_AP
     grad_w_down = grad_w_in = grad_x = grad_weights = None
     wgrad_sizes = split_sizes if wgrad_sizes is None else wgrad_sizes
-    if needs_w_down:
+    if needs_w_down and gather_gemm:
+        grad_w_down = gather_grouped_wgrad(grad_TD, token_A, a_w_AF, None, offsets_E)
+    elif needs_w_down:
         grad_w_down = grouped_weight_grad(g_AD, a_w_AF, offsets_E, wgrad_sizes, E)
     del g_AD, a_w_AF
-    if needs_w_in:
+    if needs_w_in and gather_gemm:
+        grad_w_in = gather_grouped_wgrad(dh_AP, None, x_TD, token_A, offsets_E)
+    elif needs_w_in:
         x_AD = x_TD.index_select(0, token_A)
         grad_w_in = grouped_weight_grad(dh_AP, x_AD, offsets_E, wgrad_sizes, E)
         del x_AD
@@ -304,18 +345,11 @@ class _GroupedExperts(torch.autograd.Function):
         gated: bool,
         host_counts: HostCopy | None = None,
     ) -> torch.Tensor:
+        ctx.gather_gemm = use_gather_gemm(x_TD, offsets_E)
         out_TD, h_AP = experts_forward(
-            x_TD,
-            weights_TK,
-            w_in_EPD,
-            w_down_EDF,
-            order_A,
-            inverse_A,
-            offsets_E,
-            split_sizes,
-            activation,
-            gated,
-        )
+            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, split_sizes, activation, gated,
+            ctx.gather_gemm,
+        )  # fmt: skip
         ctx.in_place = (
             gated and _is_silu(activation) and swiglu.use_triton(h_AP) and not saved_tensor_hooks_active()
         )
@@ -340,7 +374,7 @@ class _GroupedExperts(torch.autograd.Function):
             grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A,
             [_GroupedExperts._take_h(ctx)] if ctx.in_place else saved_h, offsets_E,
             ctx.split_sizes, wgrad_sizes, ctx.activation, ctx.gated, tuple(ctx.needs_input_grad[:4]),
-            in_place=ctx.in_place,
+            in_place=ctx.in_place, gather_gemm=ctx.gather_gemm,
         )  # fmt: skip
         return *grads, None, None, None, None, None, None, None
 

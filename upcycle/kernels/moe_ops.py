@@ -73,8 +73,9 @@ def swiglu_experts(
     if keep_counts and grouped_moe.wants_host_counts(x_TD, w_in_EPD.shape[0]) and not _capturing(x_TD):
         pending = HostCopy(offsets_E)
     out_TD, h_AP = grouped_moe.experts_forward(
-        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, None, _SILU, True
-    )
+        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, None, _SILU, True,
+        grouped_moe.use_gather_gemm(x_TD, offsets_E),
+    )  # fmt: skip
     if pending is not None:
         _HOST_OFFSETS[h_AP] = pending
     return out_TD, h_AP
@@ -108,7 +109,7 @@ def swiglu_experts_backward(
         wgrad_sizes = grouped_moe.sizes_from_offsets(pending.tolist())
     grads = grouped_moe.experts_backward(
         grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
-        None, wgrad_sizes, _SILU, True, needs,
+        None, wgrad_sizes, _SILU, True, needs, gather_gemm=grouped_moe.use_gather_gemm(x_TD, offsets_E),
     )  # fmt: skip
     return tuple(
         grad if grad is not None else _not_needed(like)

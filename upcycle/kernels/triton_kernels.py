@@ -83,3 +83,95 @@ def scale_rows_backward_kernel(
         mask=mask,
     )
     tl.store(ds_ptr + rows, tl.sum(dy * x, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _expert_of_tile(offsets_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr):
+    """(expert, first row, end row) of row tile `tile` when each expert's rows [start, end) of the
+    expert-sorted order are cut into tiles of BM; expert = -1 beyond the last tile."""
+    experts = tl.arange(0, E_POW2)
+    valid = experts < E
+    ends = tl.load(offsets_ptr + experts, mask=valid, other=0).to(tl.int64)
+    ends = tl.where(valid, ends, tl.max(ends, axis=0))
+    starts = tl.load(offsets_ptr + experts - 1, mask=valid & (experts > 0), other=0).to(tl.int64)
+    tiles = tl.where(valid, (ends - starts + BM - 1) // BM, 0)
+    cumulative = tl.cumsum(tiles, 0)
+    expert = tl.sum((cumulative <= tile).to(tl.int32), axis=0)
+    mine = experts == expert
+    first_tile = tl.sum(tl.where(mine, cumulative - tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(mine, starts, 0), axis=0) + (tile - first_tile) * BM
+    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    expert = tl.where(tile < tl.sum(tiles, axis=0), expert, -1)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def gather_grouped_mm_kernel(
+    src_ptr, rows_ptr, w_ptr, out_ptr, offsets_ptr, N, K,
+    stride_src, stride_we, stride_wk, stride_wn, stride_out,
+    E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """out[a] = src[rows[a]] @ W[e(a)] for expert-sorted rows a (rows[a] = a without GATHER);
+    W[e] is read as [K, N] through its strides (a transposed weight costs nothing)."""
+    expert, row_start, row_end = _expert_of_tile(offsets_ptr, tl.program_id(0).to(tl.int64), E, E_POW2, BM)
+    if expert >= 0:
+        rm = row_start + tl.arange(0, BM)
+        mask_m = rm < row_end
+        src_rows = tl.load(rows_ptr + rm, mask=mask_m, other=0).to(tl.int64) if GATHER else rm
+        rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+        mask_n = rn < N
+        w_base = w_ptr + expert * stride_we
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            mask_k = rk < K
+            a = tl.load(
+                src_ptr + src_rows[:, None] * stride_src + rk[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_base + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        out = out_ptr + rm[:, None] * stride_out + rn[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def gather_grouped_wgrad_kernel(
+    g_ptr, g_rows_ptr, s_ptr, s_rows_ptr, out_ptr, offsets_ptr, N, K,
+    stride_g, stride_s, stride_oe, stride_on,
+    G_GATHER: tl.constexpr, S_GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """out[e] = Σ over expert e's sorted rows a of g[gr(a)]^T s[sr(a)] ([N, K]; zeros for an expert
+    without rows), gr / sr the row indices where G_GATHER / S_GATHER, else a itself."""
+    expert = tl.program_id(0).to(tl.int64)
+    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int64)
+    end = tl.load(offsets_ptr + expert).to(tl.int64)
+    rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    rk = tl.program_id(2).to(tl.int64) * BK + tl.arange(0, BK)
+    mask_n, mask_k = rn < N, rk < K
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for r0 in range(start, end, BR):
+        rr = r0 + tl.arange(0, BR)
+        mask_r = rr < end
+        g_rows = tl.load(g_rows_ptr + rr, mask=mask_r, other=0).to(tl.int64) if G_GATHER else rr
+        s_rows = tl.load(s_rows_ptr + rr, mask=mask_r, other=0).to(tl.int64) if S_GATHER else rr
+        g_t = tl.load(
+            g_ptr + g_rows[None, :] * stride_g + rn[:, None],
+            mask=mask_r[None, :] & mask_n[:, None],
+            other=0.0,
+        )
+        s = tl.load(
+            s_ptr + s_rows[:, None] * stride_s + rk[None, :],
+            mask=mask_r[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(g_t, s, acc, input_precision=PRECISION)
+    out = out_ptr + expert * stride_oe + rn[:, None] * stride_on + rk[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
