@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed issue's GPU session in one command (device tool): GPU tests, profiles, layer,
 # attention and whole-step benchmarks; every output lands in $OUT (default runs/speed).
-# Usage: bash bench/speed_gpu.sh [parts...]   parts: tests gemm profile layer attention step tuned
+# Usage: bash bench/speed_gpu.sh [parts...]   parts: tests gemm gather profile layer attention step tuned
 # (default: all but tuned). Each part runs under its own time limit so one slow part cannot
 # stop the rest. The device tool's copy of .git can be stale: pass the commit being measured as
 # UPCYCLE_COMMIT=<hash> so that every table names it (bench/benchlib.py).
@@ -11,7 +11,7 @@ OUT="${OUT:-runs/speed}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 parts=("$@")
-[ "${#parts[@]}" -eq 0 ] && parts=(tests gemm profile layer attention step)
+[ "${#parts[@]}" -eq 0 ] && parts=(tests gemm gather profile layer attention step)
 has() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 if has tests; then
@@ -20,6 +20,10 @@ fi
 if has gemm; then
   timeout 90 python3 bench/grouped_gemm.py --no-autotune --json "$OUT/gemm.json" > "$OUT/gemm.txt" 2>&1
   tail -20 "$OUT/gemm.txt"
+fi
+if has gather; then
+  timeout 150 python3 bench/gather_gemm.py --json "$OUT/gather.json" > "$OUT/gather.txt" 2>&1
+  tail -50 "$OUT/gather.txt"
 fi
 if has profile; then
   for c in "moe S2" "dense S2" "moe S3 --compile" "dense S3" "attention dense" "attention expert-KV" "attention shared-KV" \

@@ -155,3 +155,23 @@ def test_gathered_path_on_gpu_matches_the_fp32_eager_loop(experts: int, monkeypa
     for name, got, want in zip(("out", "dx", "dweights", "dw_in", "dw_down"), *results, strict=True):
         error = float((got.double() - want.double()).norm() / want.double().norm())
         assert error < 1e-2, (name, error)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_gather_gemm_bench_runs_on_the_cpu_in_the_interpreter() -> None:
+    """bench/gather_gemm.py --cpu-smoke: every GEMM row printed, each matching its baseline."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    run = "import runpy, sys\nsys.argv = ['bench/gather_gemm.py', '--cpu-smoke']\nrunpy.run_path('bench/gather_gemm.py', run_name='__main__')\n"
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_SHIM + run],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| tiny |")]
+    assert [row[2].strip() for row in rows] == ["fwd gate_up", "dgrad down", "wgrad down", "wgrad gate_up"]
+    assert all(float(row[10]) < 1e-5 for row in rows), result.stdout
