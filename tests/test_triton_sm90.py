@@ -4,7 +4,7 @@ Triton compiles ahead of time through its own ptxas, so the GPU-only code (which
 otherwise reach only through Triton's interpreter) is checked here for what the interpreter
 cannot see: that it lowers at all, and, for the grouped GEMMs, that their operand loads are
 pipelined (cp.async into shared memory) into Hopper's tensor-core instructions (wgmma) within
-the shared memory an H100 has. Arguments are specialised as a launch specialises them: pointers
+the shared memory an H100 has, without spilling registers. Arguments are specialised as a launch specialises them: pointers
 and integers divisible by 16, unit strides as constants.
 """
 
@@ -17,6 +17,26 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 H100_SHARED_BYTES = 227 * 1024  # the most one block may use on an H100
+
+
+def spills(kernel) -> int:
+    """Bytes of local memory per thread (register spills), read from the cubin by Triton's cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        with open(cubin, "wb") as handle:
+            handle.write(kernel.asm["cubin"])
+        report = subprocess.run(
+            [tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
+        ).stdout
+    return int(re.search(r"LOCAL:(\d+)", report).group(1))
 
 
 def compile_sm90(fn, types: dict[str, str], constants: dict[str, object], warps: int = 4, stages: int = 3):
@@ -95,6 +115,7 @@ def test_gathered_grouped_mm_compiles_to_pipelined_wgmma(layout: str) -> None:
     assert "wgmma" in ptx and "cp.async" in ptx
     stage_bytes = (BM * BK + BK * BN) * 2
     assert gather_gemm.NUM_STAGES * stage_bytes <= kernel.metadata.shared <= H100_SHARED_BYTES
+    assert spills(kernel) == 0
 
 
 @pytest.mark.parametrize("gathered", ["g", "s"])
@@ -126,3 +147,4 @@ def test_gathered_grouped_wgrad_compiles_to_pipelined_wgmma(gathered: str) -> No
     ptx = kernel.asm["ptx"]
     assert "wgmma" in ptx and "cp.async" in ptx
     assert kernel.metadata.shared <= H100_SHARED_BYTES
+    assert spills(kernel) == 0
