@@ -43,14 +43,14 @@ DEFAULT_TILES = ["128,128,64,8,3", "128,256,64,8,3", "64,128,64,4,4", "128,128,3
 
 
 def routed(D: int, F: int, E: int, K: int, T: int, device: torch.device, dtype: torch.dtype):
-    generator = torch.Generator(device="cpu").manual_seed(E + K)
-    indices = torch.randn(T, E, generator=generator).topk(K, dim=-1).indices.reshape(-1)
+    generator = torch.Generator(device=device).manual_seed(E + K)  # drawn on the GPU: S1 is 2G values
+    indices = torch.randn(T, E, generator=generator, device=device).topk(K, dim=-1).indices.reshape(-1)
     order = torch.argsort(indices, stable=True)
-    token = torch.div(order, K, rounding_mode="floor").to(device)
-    offsets = torch.bincount(indices, minlength=E).cumsum(0).to(torch.int32).to(device)
+    token = torch.div(order, K, rounding_mode="floor")
+    offsets = torch.bincount(indices, minlength=E).cumsum(0).to(torch.int32)
 
     def rand(*shape):
-        return (torch.randn(*shape, generator=generator) * 0.02).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=generator, device=device) * 0.02).to(dtype)
 
     return (
         token,
@@ -139,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
                 row = dict(shape=shape, gemm=name, M=M, N=N, K=Kr, tiles=spec, error=error,
                            baseline_tflops=flops / t_base / 1e9, gathered_tflops=flops / t_fused / 1e9)  # fmt: skip
                 rows.append(row)
+                if args.json:  # after every row: a run cut short by its time limit keeps what it measured
+                    partial = args.json.with_suffix(".partial")
+                    partial.write_text(json.dumps(rows, indent=1))
+                    partial.replace(args.json)
                 print(
                     f"| {shape} | {name} | {M} | {N} | {Kr} | {spec} | {row['baseline_tflops']:.0f} | "
                     f"{row['gathered_tflops']:.0f} | {t_base / t_fused:.2f} | {error:.1e} |",
                     flush=True,
                 )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 

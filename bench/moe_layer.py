@@ -444,7 +444,7 @@ def run_shape(
     # The row gathers fused into Triton grouped GEMMs (opt-in, upcycle/kernels/gather_gemm.py):
     # the evidence for turning grouped_moe.GATHER_GEMM on or leaving it off.
     def fused_gathers(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:
-        grouped_moe_kernel.GATHER_GEMM = True  # read in forward, kept for its backward
+        grouped_moe_kernel.GATHER_GEMM = True  # eager: read in forward, kept on ctx for backward
         try:
             return moe(x)[0]
         finally:

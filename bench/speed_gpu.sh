@@ -22,7 +22,7 @@ if has gemm; then
   tail -20 "$OUT/gemm.txt"
 fi
 if has gather; then
-  timeout 150 python3 bench/gather_gemm.py --json "$OUT/gather.json" > "$OUT/gather.txt" 2>&1
+  timeout 240 python3 bench/gather_gemm.py --json "$OUT/gather.json" > "$OUT/gather.txt" 2>&1
   tail -50 "$OUT/gather.txt"
 fi
 if has profile; then

@@ -82,6 +82,33 @@ INTERPRETED = textwrap.dedent(
             if T:
                 assert relative(got, want) < 1e-6, relative(got, want)
 
+    # strided operands: source rows and gradients as column slices of wider tensors, the weights
+    # as transposed views, the sorted operand of the weight gradient sliced too
+    T, K, E, R, N = 9, 2, 3, 16, 20
+    indices = torch.randint(0, E, (T, K), generator=generator).reshape(-1)
+    order = torch.argsort(indices, stable=True)
+    token = torch.div(order, K, rounding_mode="floor")
+    offsets = torch.bincount(indices, minlength=E).cumsum(0).to(torch.int32)
+    x = torch.randn(T, R + 5, generator=generator)[:, 2 : 2 + R]
+    w_nk = torch.randn(E, R, N, generator=generator).transpose(1, 2)  # [E, N, R], not contiguous
+    w_kn = torch.randn(E, N, R, generator=generator).transpose(1, 2)  # [E, R, N], not contiguous
+    for layout, w, per_expert in (("nk", w_nk, lambda e: w_nk[e].T), ("kn", w_kn, lambda e: w_kn[e])):
+        got = gather_gemm.gather_grouped_mm(x, token, w, offsets, layout)
+        want = torch.cat([x[token[s:e]] @ per_expert(i) for i, (s, e) in enumerate(segments(offsets))])
+        assert relative(got, want) < 1e-6, ("strided", layout, relative(got, want))
+    g = torch.randn(T, N + 3, generator=generator)[:, 3:]
+    s_sorted = torch.randn(T * K, R + 4, generator=generator)[:, :R]
+    got = gather_gemm.gather_grouped_wgrad(g, token, s_sorted, None, offsets)
+    want = torch.stack([g[token[a:b]].T @ s_sorted[a:b] for a, b in segments(offsets)])
+    assert relative(got, want) < 1e-6, ("strided wgrad", relative(got, want))
+    for bad in (offsets.long(), offsets[:-1]):  # refused, not read out of bounds
+        try:
+            gather_gemm.gather_grouped_mm(x, token, w_nk, bad, "nk")
+        except ValueError as error:
+            assert "offsets must be int32" in str(error)
+        else:
+            raise AssertionError("bad offsets were accepted")
+
     # the whole expert path with the flag on: forward and all four gradients against the eager loop
     grouped_moe.GATHER_GEMM = True
     calls = []
@@ -135,9 +162,39 @@ def test_the_flag_leaves_cpu_runs_without_the_interpreter_alone(monkeypatch) -> 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gathered_kernels_on_gpu_in_fp32_are_ieee_products() -> None:
+    """fp32 operands multiply in IEEE fp32 (TF32 would be off by about 1e-3 here)."""
+    from upcycle.kernels import gather_gemm
+
+    generator = torch.Generator().manual_seed(31)
+    T, K, E, R, N = 512, 2, 8, 256, 384
+    indices = torch.randint(0, E, (T * K,), generator=generator)
+    order = torch.argsort(indices, stable=True)
+    token = torch.div(order, K, rounding_mode="floor").cuda()
+    offsets = torch.bincount(indices, minlength=E).cumsum(0).to(torch.int32).cuda()
+    x, w = torch.randn(T, R, generator=generator).cuda(), torch.randn(E, N, R, generator=generator).cuda()
+    got = gather_gemm.gather_grouped_mm(x, token, w, offsets, "nk").double()
+    ends = offsets.tolist()
+    want = torch.cat(
+        [
+            x[token[a:b]].double() @ w[e].double().T
+            for e, (a, b) in enumerate(zip([0, *ends[:-1]], ends, strict=True))
+        ]
+    )
+    assert float((got - want).norm() / want.norm()) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("experts", [8, 64])
 def test_gathered_path_on_gpu_matches_the_fp32_eager_loop(experts: int, monkeypatch) -> None:
     monkeypatch.setattr(grouped, "GATHER_GEMM", True)
+    calls = []
+    for name in ("gather_grouped_mm", "gather_grouped_wgrad"):
+        original = getattr(grouped, name)
+        monkeypatch.setattr(
+            grouped, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+        )
     generator = torch.Generator().manual_seed(experts)
     T, K, D, F_ = 2048, 4, 256, 512
     x = torch.randn(T, D, generator=generator)
@@ -151,7 +208,7 @@ def test_gathered_path_on_gpu_matches_the_fp32_eager_loop(experts: int, monkeypa
         out = run(leaves[0], leaves[1], indices.cuda(), leaves[2], leaves[3], F.silu, True)
         out.backward(g.cuda().to(dtype))
         results.append([out.detach()] + [leaf.grad for leaf in leaves])
-    assert grouped.use_gather_gemm(x.cuda(), torch.zeros(1, dtype=torch.int32, device="cuda"))
+    assert sorted(calls) == ["gather_grouped_mm"] * 2 + ["gather_grouped_wgrad"] * 2, calls  # the kernels ran
     for name, got, want in zip(("out", "dx", "dweights", "dw_in", "dw_down"), *results, strict=True):
         error = float((got.double() - want.double()).norm() / want.double().norm())
         assert error < 1e-2, (name, error)

@@ -116,6 +116,10 @@ def test_gathered_grouped_mm_compiles_to_pipelined_wgmma(layout: str) -> None:
     stage_bytes = (BM * BK + BK * BN) * 2
     assert gather_gemm.NUM_STAGES * stage_bytes <= kernel.metadata.shared <= H100_SHARED_BYTES
     assert spills(kernel) == 0
+    # the expert's offset into the stacked weights is an int64 product (E experts > 2^31 elements)
+    ttir = [line.strip() for line in kernel.asm["ttir"].splitlines()]
+    products = [line for line in ttir if line.startswith("%w_base") and "arith.muli" in line]
+    assert products and all(": i64" in line for line in products), products
 
 
 @pytest.mark.parametrize("gathered", ["g", "s"])

@@ -17,8 +17,11 @@ cannot take row indices. The two kernels here can:
   weight gradients, with g = dL/dout gathered for the down projection and s = x gathered for the
   first one. Experts without rows get zeros.
 
-Accumulation in fp32, one rounding on store; fp32 inputs multiply in IEEE fp32 (the tests), bf16
-in bf16 tensor cores. Whether these beat a separate gather plus CUTLASS's grouped GEMM depends on
+Accumulation in fp32, one rounding on store; fp32 inputs multiply in IEEE fp32, bf16 in bf16
+tensor cores. Offsets into the stacked weights are int64 (E experts can exceed 2^31 elements).
+Rows of the output past `offsets[-1]` are not written (the expert path's offsets always end at
+A). Triton's CPU interpreter checks the indexing in fp32 only (its bf16 products are wrong); bf16
+and the IEEE claim are checked on the GPU (tests/test_gather_gemm.py, gpu marker). Whether these beat a separate gather plus CUTLASS's grouped GEMM depends on
 the GPU and the shape, which is why they are off by default: `bench/moe_layer.py` times both
 (row "ours grouped, fused gathers"). tests/test_gather_gemm.py checks both kernels against
 torch in Triton's CPU interpreter (empty experts, sizes that are not tile multiples) and the whole
@@ -48,6 +51,16 @@ def _launch_options(t: torch.Tensor) -> dict:
     return {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES} if t.is_cuda else {}
 
 
+def _check(offsets_E: torch.Tensor, num_experts: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Refuse what the kernels would read out of bounds or fail to compile on."""
+    if offsets_E.dtype != torch.int32 or tuple(offsets_E.shape) != (num_experts,):
+        raise ValueError(
+            f"offsets must be int32 of shape ({num_experts},), got {offsets_E.dtype} {tuple(offsets_E.shape)}"
+        )
+    if a.dtype != b.dtype:
+        raise ValueError(f"both operands must have one dtype, got {a.dtype} and {b.dtype}")
+
+
 def gather_grouped_mm(
     src_RK: torch.Tensor,
     rows_A: torch.Tensor | None,
@@ -71,6 +84,7 @@ def gather_grouped_mm(
         stride_wk, stride_wn = w.stride(1), w.stride(2)
     if src_RK.shape[1] != K:
         raise ValueError(f"source rows have width {src_RK.shape[1]}, the weights reduce over {K}")
+    _check(offsets_E, E, src_RK, w)
     src_RK = src_RK if src_RK.stride(-1) == 1 else src_RK.contiguous()
     A = rows_A.shape[0] if rows_A is not None else src_RK.shape[0]
     out_AN = torch.empty(A, N, dtype=src_RK.dtype, device=src_RK.device)
@@ -97,6 +111,7 @@ def gather_grouped_wgrad(
     offsets_E: torch.Tensor,
 ) -> torch.Tensor:
     """dW_ENK[e] = Σ over expert e's sorted rows a of g_RN[g_rows_A[a]]^T s_RK[s_rows_A[a]]."""
+    _check(offsets_E, offsets_E.shape[0], g_RN, s_RK)
     g_RN = g_RN if g_RN.stride(-1) == 1 else g_RN.contiguous()
     s_RK = s_RK if s_RK.stride(-1) == 1 else s_RK.contiguous()
     E, N, K = offsets_E.shape[0], g_RN.shape[1], s_RK.shape[1]

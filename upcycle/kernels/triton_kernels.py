@@ -121,7 +121,8 @@ def gather_grouped_mm_kernel(
         src_rows = tl.load(rows_ptr + rm, mask=mask_m, other=0).to(tl.int64) if GATHER else rm
         rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
         mask_n = rn < N
-        w_base = w_ptr + expert * stride_we
+        # int64: E stacked experts may exceed 2^31 elements (one expert's [K, N] slice does not)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
