@@ -24,8 +24,12 @@ their copy (`HostCopy`) and files it under its output h in a weak dictionary; th
 operator, which receives that same h, takes it from there. Where it does not find it (h reached
 backward as another tensor object) the weight gradients run on `torch._grouped_mm`: the same
 result, never a wrong one. Both operators are tagged `cudagraph_unsafe` (a replayed graph would
-reuse the counts of its capture) and file or read no counts while a CUDA graph is captured. Not carried over from the eager path: the SwiGLU gradient written over
-h (an operator may not mutate a saved input behind the compiler's back).
+reuse the counts of its capture) and file or read no counts while a CUDA graph is captured.
+
+The opt-in gathered GEMMs (`grouped_moe.GATHER_GEMM`) are consulted by each operator when it runs
+(eager mode decides once, in forward); either choice gives the same gradients, since forward and
+backward share only h and the counts. Not carried over from the eager path: the SwiGLU gradient
+written over h (an operator may not mutate a saved input behind the compiler's back).
 
 tests/test_compile.py checks the operators with `torch.library.opcheck` and a compiled layer
 against the eager one, bit for bit on the CPU.
