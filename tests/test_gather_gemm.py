@@ -9,36 +9,16 @@ gradient. On the GPU machine: bf16 against the fp32 eager loop.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_swiglu import routed
+from triton_helpers import run_interpreted
 
 from upcycle.kernels import grouped_moe as grouped
 from upcycle.model.moe import eager_experts
-
-# Triton 3.6's interpreter turns integer scalars into one-element arrays and calls int() on
-# them, which NumPy >= 2.3 refuses ("only 0-dimensional arrays can be converted to Python
-# scalars"): loops with run-time bounds then fail in the interpreter only. The test process
-# patches that conversion; compiled kernels are not affected.
-INTERPRETER_SHIM = textwrap.dedent(
-    """
-    import numpy as np
-    import triton.runtime.interpreter as interpreter
-
-    _patch_lang_tensor = interpreter._patch_lang_tensor
-
-    def _patch_with_scalar_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = _patch_with_scalar_index
-    """
-)
 
 INTERPRETED = textwrap.dedent(
     """
@@ -115,12 +95,10 @@ INTERPRETED = textwrap.dedent(
     for name in ("gather_grouped_mm", "gather_grouped_wgrad"):
         original = getattr(grouped_moe, name)
         setattr(grouped_moe, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    T, E, K, D, F_ = 40, 6, 2, 32, 24
-    x = torch.randn(T, D, generator=generator)
-    probs, indices = torch.randn(T, E, generator=generator).softmax(-1).topk(K, dim=-1)
-    w_in = torch.randn(E, 2 * F_, D, generator=generator) / D**0.5
-    w_down = torch.randn(E, D, F_, generator=generator) / F_**0.5
-    g = torch.randn(T, D, generator=generator)
+    from test_swiglu import routed
+
+    x, probs, indices, w_in, w_down = routed(40, 6, 2, 32, 24, torch.float32, seed=1)
+    g = torch.randn(40, 32, generator=generator)
     results = []
     for run in (grouped_moe.grouped_moe, eager_experts):
         leaves = [t.clone().requires_grad_() for t in (x, probs, w_in, w_down)]
@@ -137,14 +115,7 @@ INTERPRETED = textwrap.dedent(
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_gathered_grouped_gemms_in_the_interpreter_match_torch() -> None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SHIM + INTERPRETED],
-        capture_output=True, text=True, env=env, cwd=root, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "interpreted ok" in result.stdout
+    assert "interpreted ok" in run_interpreted(INTERPRETED)
 
 
 def test_the_flag_leaves_cpu_runs_without_the_interpreter_alone(monkeypatch) -> None:
@@ -195,13 +166,8 @@ def test_gathered_path_on_gpu_matches_the_fp32_eager_loop(experts: int, monkeypa
         monkeypatch.setattr(
             grouped, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
         )
-    generator = torch.Generator().manual_seed(experts)
-    T, K, D, F_ = 2048, 4, 256, 512
-    x = torch.randn(T, D, generator=generator)
-    probs, indices = torch.randn(T, experts, generator=generator).softmax(-1).topk(K, dim=-1)
-    w_in = torch.randn(experts, 2 * F_, D, generator=generator) / D**0.5
-    w_down = torch.randn(experts, D, F_, generator=generator) / F_**0.5
-    g = torch.randn(T, D, generator=generator)
+    x, probs, indices, w_in, w_down = routed(2048, experts, 4, 256, 512, torch.float32, seed=experts)
+    g = torch.randn(2048, 256, generator=torch.Generator().manual_seed(experts + 1))
     results = []
     for run, dtype in ((grouped.grouped_moe, torch.bfloat16), (eager_experts, torch.float32)):
         leaves = [t.cuda().to(dtype).requires_grad_() for t in (x, probs, w_in, w_down)]
@@ -217,18 +183,11 @@ def test_gathered_path_on_gpu_matches_the_fp32_eager_loop(experts: int, monkeypa
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_gather_gemm_bench_runs_on_the_cpu_in_the_interpreter() -> None:
     """bench/gather_gemm.py --cpu-smoke: every GEMM row printed, each matching its baseline."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    run = "import runpy, sys\nsys.argv = ['bench/gather_gemm.py', '--cpu-smoke']\nrunpy.run_path('bench/gather_gemm.py', run_name='__main__')\n"
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SHIM + run],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
+    stdout = run_interpreted(
+        "import runpy, sys\nsys.argv = ['bench/gather_gemm.py', '--cpu-smoke']\n"
+        "runpy.run_path('bench/gather_gemm.py', run_name='__main__')\n",
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| tiny |")]
+    rows = [line.split("|") for line in stdout.splitlines() if line.startswith("| tiny |")]
     assert [row[2].strip() for row in rows] == ["fwd gate_up", "dgrad down", "wgrad down", "wgrad gate_up"]
-    assert all(float(row[10]) < 1e-5 for row in rows), result.stdout
+    assert all(float(row[10]) < 1e-5 for row in rows), stdout

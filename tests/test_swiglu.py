@@ -12,14 +12,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_helpers import run_interpreted
 
 from upcycle.kernels import swiglu
 from upcycle.kernels.grouped_moe import grouped_moe
@@ -113,13 +111,7 @@ INTERPRETED = textwrap.dedent(
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_kernels_in_the_interpreter_match_fp64() -> None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, cwd=root, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "interpreted ok" in result.stdout
+    assert "interpreted ok" in run_interpreted(INTERPRETED, timeout=300)
 
 
 def routed(T: int, E: int, K: int, D: int, F_: int, dtype: torch.dtype, seed: int, gated: bool = True):
