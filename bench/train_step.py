@@ -43,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import run_header
 
 from upcycle.data import Batch
+from upcycle.kernels.dtypes import autocast_dtype
 from upcycle.model import ModelConfig, Transformer
 from upcycle.model.flops import active_parameters, total_parameters, training_flops_per_token
 from upcycle.model.init import init_weights
-from upcycle.model.moe import MoE, autocast_dtype
+from upcycle.model.moe import MoE
 from upcycle.train.build import compile_blocks
 from upcycle.train.distributed import Distributed
 from upcycle.train.metrics import H100_BF16_DATASHEET_FLOPS, H100_BF16_MEASURED_FLOPS

@@ -13,12 +13,10 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_swiglu import routed
+from test_swiglu import assert_bf16_on_gpu_matches_the_fp32_loop
 from triton_helpers import run_interpreted
 
 from upcycle.kernels import grouped_moe as grouped
-from upcycle.model.moe import eager_experts
 
 INTERPRETED = textwrap.dedent(
     """
@@ -166,18 +164,8 @@ def test_gathered_path_on_gpu_matches_the_fp32_eager_loop(experts: int, monkeypa
         monkeypatch.setattr(
             grouped, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
         )
-    x, probs, indices, w_in, w_down = routed(2048, experts, 4, 256, 512, torch.float32, seed=experts)
-    g = torch.randn(2048, 256, generator=torch.Generator().manual_seed(experts + 1))
-    results = []
-    for run, dtype in ((grouped.grouped_moe, torch.bfloat16), (eager_experts, torch.float32)):
-        leaves = [t.cuda().to(dtype).requires_grad_() for t in (x, probs, w_in, w_down)]
-        out = run(leaves[0], leaves[1], indices.cuda(), leaves[2], leaves[3], F.silu, True)
-        out.backward(g.cuda().to(dtype))
-        results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    assert_bf16_on_gpu_matches_the_fp32_loop(grouped.grouped_moe, experts, seed=experts)
     assert sorted(calls) == ["gather_grouped_mm"] * 2 + ["gather_grouped_wgrad"] * 2, calls  # the kernels ran
-    for name, got, want in zip(("out", "dx", "dweights", "dw_in", "dw_down"), *results, strict=True):
-        error = float((got.double() - want.double()).norm() / want.double().norm())
-        assert error < 1e-2, (name, error)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")

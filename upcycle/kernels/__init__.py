@@ -10,6 +10,7 @@
 - `gather_gemm`: grouped GEMMs that read token rows by index (opt-in `grouped_moe.GATHER_GEMM`,
   Triton), removing the expert path's three row gathers.
 - `host_copy`: small device tensors copied to the host without stalling the GPU's queue.
+- `dtypes`: the dtype a matrix product runs in under autocast.
 
 Kernels take plain tensors and callables, never model modules or configs, so that `model/` can
 import them and not the other way round. This package imports nothing eagerly.

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from upcycle.kernels.combine import scale_rows
+from upcycle.kernels.dtypes import autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -92,21 +93,14 @@ class WideLayout:
         return wide.unflatten(dim, (Hk, E, r)).movedim(dim + 1, dim)
 
 
-def _gemm_dtype(weight: torch.Tensor, device_type: str) -> torch.dtype:
-    """The dtype a matrix product with `weight` runs in: autocast's where it is on, else its own."""
-    if weight.is_floating_point() and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
 def _wide_weight(
-    per_expert_EHkrDhD: torch.Tensor, others: list[torch.Tensor], layout: WideLayout, device_type: str
+    per_expert_EHkrDhD: torch.Tensor, others: list[torch.Tensor], layout: WideLayout
 ) -> torch.Tensor:
     """[X·Dh + Σ rows of others, D]: the per-expert weight (viewed [E, Hk, r, Dh, D], any strides)
     in wide head order, then `others` (2-D), written in one pass in the GEMM's dtype."""
     E, Hk, r, Dh, D = per_expert_EHkrDhD.shape
     rows = [E * Hk * r * Dh] + [t.shape[0] for t in others]
-    wide_ND = per_expert_EHkrDhD.new_empty(sum(rows), D, dtype=_gemm_dtype(per_expert_EHkrDhD, device_type))
+    wide_ND = per_expert_EHkrDhD.new_empty(sum(rows), D, dtype=autocast_dtype(per_expert_EHkrDhD))
     # narrow, not split: autograd allows in-place writes into single views only
     layout.per_expert_view(wide_ND.narrow(0, 0, rows[0]).view(-1, Dh, D), 0).copy_(per_expert_EHkrDhD)
     start = rows[0]
@@ -141,9 +135,7 @@ def project_qkv(
         return q_BSN.unflatten(-1, (X, Dh)), k_BSN.unflatten(-1, (Y, Dh)), v_BSN.unflatten(-1, (Y, Dh))
     Hk, r = layout.num_kv_heads, layout.group_size
     w_q_EHkrDhD = q_proj_END.view(E, Hk, r, Dh, D)
-    w_qkv_ND = _wide_weight(
-        w_q_EHkrDhD, [k_proj.reshape(-1, D), v_proj.reshape(-1, D)], layout, u_BSD.device.type
-    )
+    w_qkv_ND = _wide_weight(w_q_EHkrDhD, [k_proj.reshape(-1, D), v_proj.reshape(-1, D)], layout)
     b_qkv_N = None
     if q_bias is not None:
         assert k_bias is not None and v_bias is not None
@@ -175,7 +167,7 @@ def gate_and_project_out(
     else:
         gated_BSXDh = heads_BSXDh * gate_BSX[..., None]
     w_o_EHkrDhD = o_proj_EDN.view(E, D, layout.num_kv_heads, layout.group_size, Dh).permute(0, 2, 3, 4, 1)
-    w_o_ND = _wide_weight(w_o_EHkrDhD, [], layout, heads_BXSDh.device.type)
+    w_o_ND = _wide_weight(w_o_EHkrDhD, [], layout)
     out_BSD = F.linear(gated_BSXDh.reshape(B, S, X * Dh), w_o_ND.T)
     if o_bias_ED is not None:
         out_BSD = out_BSD + gate_BSE @ o_bias_ED

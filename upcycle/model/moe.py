@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from upcycle.kernels.dtypes import autocast_dtype
 from upcycle.kernels.grouped_moe import grouped_mm_available, grouped_moe
 from upcycle.model.config import ModelConfig
 from upcycle.model.losses import btx_load_balancing, router_z_loss, switch_load_balancing
@@ -56,13 +57,6 @@ from upcycle.model.mlp import GatedMLP, activation_fn
 from upcycle.model.router import Router, Routing, capacity_keep_mask, expert_capacity, expert_counts
 
 AuxLosses = dict[str, torch.Tensor]
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products of `x` run in: autocast's when it is on, else `x`'s own."""
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def eager_experts(
