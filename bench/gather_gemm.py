@@ -82,14 +82,6 @@ def cases(D: int, F: int, E: int, K: int, T: int, device: torch.device, dtype: t
     ]  # fmt: skip
 
 
-def set_tiles(spec: str) -> str:
-    """Apply "BM,BN,BK,warps,stages" to both kernels (wgrad reads it as BN,BK,BR)."""
-    a, b, c, warps, stages = (int(v) for v in spec.split(","))
-    gather_gemm.MM_TILES = gather_gemm.WGRAD_TILES = (a, b, c)
-    gather_gemm.NUM_WARPS, gather_gemm.NUM_STAGES = warps, stages
-    return spec
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["S2", "S1", "S3"], choices=list(SHAPES))
@@ -127,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             expected = baseline()
             t_base = statistics.median(time_calls(baseline, device, 1, args.steps))
             for spec in args.tiles:
-                set_tiles(spec)
+                gather_gemm.set_tiles(spec)
                 try:
                     error = relative_error(gathered(), expected)
                     t_fused = statistics.median(time_calls(gathered, device, 1, args.steps))

@@ -64,6 +64,7 @@ for _path in (REPO, REPO / "bench"):
 
 from benchlib import environment, fmt, ratio, relative_error, synchronize, time_calls  # noqa: E402
 
+from upcycle.kernels import gather_gemm  # noqa: E402
 from upcycle.kernels import grouped_moe as grouped_moe_kernel  # noqa: E402
 from upcycle.model.config import ModelConfig  # noqa: E402
 from upcycle.model.mlp import GatedMLP  # noqa: E402
@@ -653,7 +654,18 @@ def run(argv: list[str] | None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (a test)")
+    parser.add_argument(
+        "--gather-tiles",
+        default=None,
+        metavar="BM,BN,BK,WARPS,STAGES",
+        help="launch configuration of the gathered GEMMs (the 'fused gathers' row), e.g. the best of bench/gather_gemm.py",
+    )
     args = parser.parse_args(argv)
+    if args.gather_tiles is not None:
+        try:
+            gather_gemm.set_tiles(args.gather_tiles)
+        except ValueError as error:
+            parser.error(str(error))
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -679,7 +691,8 @@ def run(argv: list[str] | None) -> int:
     assert not torch.backends.cuda.matmul.allow_tf32, "the fp32 reference must not run in tf32"
     import transformers
 
-    env = environment(device, transformers=transformers.__version__)
+    tiles = (*gather_gemm.MM_TILES, gather_gemm.NUM_WARPS, gather_gemm.NUM_STAGES)
+    env = environment(device, transformers=transformers.__version__, gather_tiles=",".join(map(str, tiles)))
     log("moe_layer: " + " ".join(f"{k}={v}" for k, v in env.items()))
     ceiling = None
     if device.type == "cuda":

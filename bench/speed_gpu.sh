@@ -4,7 +4,8 @@
 # Usage: bash bench/speed_gpu.sh [parts...]   parts: tests gemm gather profile layer attention step tuned
 # (default: all but tuned). Each part runs under its own time limit so one slow part cannot
 # stop the rest. The device tool's copy of .git can be stale: pass the commit being measured as
-# UPCYCLE_COMMIT=<hash> so that every table names it (bench/benchlib.py).
+# UPCYCLE_COMMIT=<hash> so that every table names it (bench/benchlib.py). LAYER_ARGS / GATHER_ARGS
+# add arguments to the layer and gather benches (e.g. GATHER_ARGS="--shapes S2").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/speed}"
@@ -22,7 +23,7 @@ if has gemm; then
   tail -20 "$OUT/gemm.txt"
 fi
 if has gather; then
-  timeout 240 python3 bench/gather_gemm.py --json "$OUT/gather.json" > "$OUT/gather.txt" 2>&1
+  timeout 240 python3 bench/gather_gemm.py ${GATHER_ARGS:-} --json "$OUT/gather.json" > "$OUT/gather.txt" 2>&1
   tail -50 "$OUT/gather.txt"
 fi
 if has profile; then
@@ -33,7 +34,9 @@ if has profile; then
   grep -A12 "^## " "$OUT/profile.md" | grep -v "^|---"
 fi
 if has layer; then
-  timeout 300 python3 bench/moe_layer.py --json "$OUT/moe_layer.json" > "$OUT/moe_layer.txt" 2>&1
+  tiles=()  # the gathered GEMMs' launch configuration: the gather part's best, if it ran
+  best=$(python3 bench/best_tiles.py "$OUT/gather.json" 2>> "$OUT/moe_layer.txt") && tiles=(--gather-tiles "$best")
+  timeout 300 python3 bench/moe_layer.py ${LAYER_ARGS:-} "${tiles[@]}" --json "$OUT/moe_layer.json" >> "$OUT/moe_layer.txt" 2>&1
   grep -A40 "^| shape | implementation" "$OUT/moe_layer.txt" | head -60
 fi
 if has attention; then

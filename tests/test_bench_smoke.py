@@ -99,3 +99,56 @@ def test_grouped_gemm_smoke_times_the_six_gemms(tmp_path: Path) -> None:
         "fwd gate_up", "fwd down", "dgrad down", "dgrad gate_up", "wgrad down", "wgrad gate_up",
     ]  # fmt: skip
     assert all(row["dense_tflops"] > 0 and row["grouped_tflops"] > 0 for row in rows)
+
+
+def test_best_tiles_takes_the_best_spec_measured_on_every_row(tmp_path: Path) -> None:
+    def row(shape: str, gemm: str, tiles: str, speedup: float) -> dict:
+        return dict(
+            shape=shape, gemm=gemm, tiles=tiles, baseline_tflops=100.0, gathered_tflops=100.0 * speedup
+        )
+
+    rows = [
+        row("S2", "fwd", "a", 1.10), row("S2", "wgrad", "a", 0.95),  # geometric mean 1.022
+        row("S2", "fwd", "b", 1.00), row("S2", "wgrad", "b", 1.00),  # 1.0
+        row("S2", "fwd", "c", 2.00),  # fastest row, but it failed on wgrad: cannot win
+        row("S1", "fwd", "b", 1.50), row("S1", "wgrad", "b", 1.50),  # b wins once S1 counts
+    ]  # fmt: skip
+    best = load_script("best_tiles")
+    spec, speedup = best.best_spec(rows, {"S2"})
+    assert spec == "a" and speedup == pytest.approx((1.10 * 0.95) ** 0.5)
+    assert best.best_spec(rows)[0] == "b"  # a and c lack the S1 rows
+    assert best.best_spec(rows, {"S3"}) is None
+    path = tmp_path / "gather.json"
+    path.write_text(json.dumps(rows))
+    assert best.main([str(path), "--shapes", "S2"]) == 0
+    assert best.main([str(tmp_path / "missing.json")]) == 1
+
+
+def gathered_gemm_tiles() -> tuple:
+    from upcycle.kernels import gather_gemm
+
+    return gather_gemm.MM_TILES, gather_gemm.WGRAD_TILES, gather_gemm.NUM_WARPS, gather_gemm.NUM_STAGES
+
+
+@pytest.mark.parametrize("spec", ["128,128,64,8", "128,100,64,8,3", "128,128,64,6,3", "128,128,8,4,3", "x"])
+def test_gathered_gemm_tiles_refuse_a_bad_spec(spec: str) -> None:
+    from upcycle.kernels import gather_gemm
+
+    before = gathered_gemm_tiles()
+    with pytest.raises(ValueError, match="tiles"):
+        gather_gemm.set_tiles(spec)
+    assert gathered_gemm_tiles() == before
+    with pytest.raises(SystemExit) as exit_:
+        load_script("moe_layer").main(["--cpu-smoke", "--gather-tiles", spec])
+    assert exit_.value.code == 2
+
+
+def test_gathered_gemm_tiles_apply_to_both_kernels() -> None:
+    from upcycle.kernels import gather_gemm
+
+    before = gathered_gemm_tiles()
+    try:
+        gather_gemm.set_tiles("64,128,32,4,4")
+        assert gathered_gemm_tiles() == ((64, 128, 32), (64, 128, 32), 4, 4)
+    finally:
+        gather_gemm.MM_TILES, gather_gemm.WGRAD_TILES, gather_gemm.NUM_WARPS, gather_gemm.NUM_STAGES = before

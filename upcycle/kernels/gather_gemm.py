@@ -42,6 +42,25 @@ WGRAD_TILES = (128, 128, 64)  # N × K × rows
 NUM_WARPS, NUM_STAGES = 8, 3
 
 
+def set_tiles(spec: str) -> None:
+    """Set both kernels' launch configuration from "BM,BN,BK,warps,stages" (a bench's tile sweep).
+
+    The wgrad kernel reads the three sizes as N × K × rows. Sizes must be powers of two of at
+    least 16 (Triton's dot), warps a power of two, stages at least 1.
+    """
+    try:
+        a, b, c, warps, stages = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"tiles must be five integers BM,BN,BK,warps,stages, got {spec!r}") from None
+    if any(v < 16 or v & (v - 1) for v in (a, b, c)) or warps < 1 or warps & (warps - 1) or stages < 1:
+        raise ValueError(
+            f"tiles {spec!r}: sizes must be powers of two >= 16, warps a power of two, stages >= 1"
+        )
+    global MM_TILES, WGRAD_TILES, NUM_WARPS, NUM_STAGES
+    MM_TILES = WGRAD_TILES = (a, b, c)
+    NUM_WARPS, NUM_STAGES = warps, stages
+
+
 def _precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
