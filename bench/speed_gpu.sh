@@ -5,7 +5,8 @@
 # (default: all but tuned). Each part runs under its own time limit so one slow part cannot
 # stop the rest. The device tool's copy of .git can be stale: pass the commit being measured as
 # UPCYCLE_COMMIT=<hash> so that every table names it (bench/benchlib.py). LAYER_ARGS / GATHER_ARGS
-# add arguments to the layer and gather benches (e.g. GATHER_ARGS="--shapes S2").
+# add arguments to the layer and gather benches (e.g. GATHER_ARGS="--shapes S2"); STEP_CASES picks
+# the step part's cases, ';'-separated (default: ours and transformers, each eager and compiled).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/speed}"
@@ -44,7 +45,8 @@ if has attention; then
   tail -22 "$OUT/attention.txt"
 fi
 if has step; then
-  for c in "mixtral --compile" "mixtral" "hf-mixtral-bf16" "hf-mixtral-bf16 --compile"; do
+  IFS=';' read -r -a cases <<< "${STEP_CASES:-mixtral --compile;mixtral;hf-mixtral-bf16;hf-mixtral-bf16 --compile}"
+  for c in "${cases[@]}"; do
     timeout 150 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 --cases $c \
       --json "$OUT/step_$(echo $c | tr -d ' -').json" 2>&1 | tail -1 >> "$OUT/step.txt"
   done
