@@ -9,7 +9,9 @@ runs warm-up steps, then profiles `--steps` steps and prints, per step:
   behind `torch._grouped_mm`), attention (flash / cuDNN / efficient), Triton (inductor's
   fused kernels), copies and fills, reductions and sorting (index, scatter, sort, cumsum, ...),
   other element-wise kernels;
-- the top kernels by time, with calls per step.
+- the top kernels by time, with calls per step;
+- on a GPU, the time the GPU sat idle between kernels, grouped by the host op that launched the
+  kernel ending each gap (what the GPU waited for), and the host calls that synchronised.
 
 Cases:
 - `moe S1|S2|S3`: `bench/moe_layer.py`'s ours grouped layer (add `--compile` for the compiled
@@ -75,6 +77,81 @@ class Profile:
     kernel_ms_per_step: float
     by_class: dict[str, float] = field(default_factory=dict)
     top: list[dict[str, object]] = field(default_factory=list)
+    # GPU idle time inside the profiled window (GPU runs only): total, and by the host op that
+    # launched the kernel ending each gap; host synchronisations by the op that made them.
+    idle_ms_per_step: float | None = None
+    idle_by_launcher: list[dict[str, object]] = field(default_factory=list)
+    syncs: list[dict[str, object]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One GPU kernel (or host call) on the profiler's clock, in microseconds."""
+
+    start: float
+    end: float
+    label: str
+
+
+# Host calls that wait for the GPU (a stall when the GPU still has work queued).
+SYNC_CALL = re.compile(r"Synchronize|^cudaMemcpy$|^cudaMemcpy2D$|^cuMemcpyDtoH|^cudaStreamWaitEvent$")
+
+
+def idle_gaps(kernels: list[Span], steps: int, top: int = 10) -> tuple[float, list[dict[str, object]]]:
+    """GPU idle time (ms per step) between the first kernel's start and the last one's end, and
+    that time grouped by the label of the kernel that ended each gap (who the GPU waited for)."""
+    ordered = sorted(kernels, key=lambda span: span.start)
+    idle: dict[str, float] = defaultdict(float)
+    gaps: dict[str, int] = defaultdict(int)
+    busy_until = ordered[0].end if ordered else 0.0
+    for span in ordered[1:]:
+        if span.start > busy_until:
+            idle[span.label] += span.start - busy_until
+            gaps[span.label] += 1
+        busy_until = max(busy_until, span.end)
+    total = sum(idle.values()) / 1000 / steps
+    ranked = sorted(idle.items(), key=lambda item: -item[1])[:top]
+    return total, [
+        {"launched_by": label, "idle_ms": us / 1000 / steps, "gaps": gaps[label] / steps}
+        for label, us in ranked
+    ]
+
+
+def op_label(event) -> str:
+    """`top-level op > op` for a host event: where in the step (forward block, backward node,
+    optimiser) and which op."""
+    chain = []
+    while event is not None:
+        chain.append(event.name)
+        event = event.cpu_parent
+    leaf = chain[0] if not chain[0].startswith("cuda") or len(chain) == 1 else chain[1]
+    return leaf if len(chain) <= 2 else f"{chain[-1][:60]} > {leaf[:60]}"
+
+
+def host_waits(events, steps: int) -> tuple[list[Span], list[dict[str, object]]]:
+    """(kernel spans labelled by the host op that launched them, host synchronisations grouped
+    by the op that made them) from a GPU profile's events."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    launchers = {
+        e.id: e for e in events if e.device_type == cpu and not getattr(e, "linked_correlation_id", 0)
+    }
+    spans = []
+    for e in events:
+        if e.device_type == cuda and not getattr(e, "is_user_annotation", False):
+            launcher = launchers.get(getattr(e, "linked_correlation_id", 0))
+            label = op_label(launcher) if launcher is not None else "(unknown launcher)"
+            spans.append(Span(e.time_range.start, e.time_range.end, label))
+    waits: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.device_type == cpu and SYNC_CALL.search(e.name):
+            waits[f"{e.name} in {op_label(e.cpu_parent) if e.cpu_parent else '(top level)'}"].append(
+                e.time_range.end - e.time_range.start
+            )
+    syncs = sorted(
+        ({"call": k, "calls": len(v) / steps, "host_ms": sum(v) / 1000 / steps} for k, v in waits.items()),
+        key=lambda row: -float(row["host_ms"]),
+    )
+    return spans, syncs
 
 
 def moe_case(shape_name: str, dense: bool, compiled: bool, device: torch.device, smoke: bool):
@@ -171,6 +248,10 @@ def profile(step: Callable[[], object], device: torch.device, warmup: int, steps
         totals[event.name] += duration / 1000 / steps
         calls[event.name] += 1
     kernel_ms = sum(totals.values())
+    idle_ms, idle_by, syncs = None, [], []
+    if device.type == "cuda":
+        spans, syncs = host_waits(prof.events(), steps)
+        idle_ms, idle_by = idle_gaps(spans, steps)
     by_class: dict[str, float] = defaultdict(float)
     for name, ms in totals.items():
         by_class[classify(name)] += ms
@@ -185,6 +266,9 @@ def profile(step: Callable[[], object], device: torch.device, warmup: int, steps
             {"kernel": name, "class": classify(name), "ms": ms, "calls": calls[name] / steps}
             for name, ms in ranked
         ],
+        idle_ms_per_step=idle_ms,
+        idle_by_launcher=idle_by,
+        syncs=syncs[:10],
     )
 
 
@@ -206,6 +290,20 @@ def report(result: Profile) -> list[str]:
             f"| `{short}` | {row['class']} | {row['ms']:.3f} | {100 * row['ms'] / total:.1f}% | "
             f"{row['calls']:g} |"
         )
+    if result.idle_ms_per_step is not None:
+        lines += [
+            "",
+            f"GPU idle between kernels: {result.idle_ms_per_step:.3f} ms per step (under the profiler, "
+            "which slows the host: an upper bound for host-bound gaps), by the host op whose kernel ended the gap:",
+            "",
+            "| kernel launched by | idle ms / step | gaps / step |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{r['launched_by']}` | {r['idle_ms']:.3f} | {r['gaps']:g} |" for r in result.idle_by_launcher
+        ]
+        lines += ["", "| host synchronisation | calls / step | host ms / step |", "|---|---|---|"]
+        lines += [f"| `{r['call']}` | {r['calls']:g} | {r['host_ms']:.3f} |" for r in result.syncs]
     return lines
 
 

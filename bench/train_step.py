@@ -14,8 +14,13 @@ Cases (perf.md conventions; FLOPs from `upcycle.model.flops.training_flops_per_t
   router routes near-uniformly).
 
 Protocol: warm-up steps first (the first one, which includes compilation with --compile, is
-timed and reported separately), then the median of `--steps` timed steps measured with CUDA
-events; peak memory from `torch.cuda.max_memory_allocated`. MFU against 790 TFLOP/s (measured
+timed and reported separately), then `--steps` steps back to back as a training loop runs them,
+with a CUDA event recorded at every step boundary and the host synchronising only after the
+last; the median of the per-step intervals is reported ("step ms"). Neither side reads a value
+on the host that its loop would not: ours reads the step's loss and norm once per step (the
+trainer logs them), transformers' loss is read after timing. "isolated ms" times some of the
+same steps again, each from an idle GPU until all its work is done (the earlier protocol), so the
+two can be compared. Peak memory from `torch.cuda.max_memory_allocated`. MFU against 790 TFLOP/s (measured
 bf16 matmul ceiling of an H100) and 989 (datasheet). The `moe path` column says which expert
 implementation the MoE layers resolved to for the inputs they actually received.
 
@@ -28,7 +33,9 @@ CPU smoke:    python bench/train_step.py --tiny     (a tiny config in fp32, seco
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -94,6 +101,7 @@ class Row:
     peak_gb: float | None
     moe_path: str
     loss: float
+    isolated_step_ms: float
 
 
 def case_configs(tiny: bool) -> dict[str, ModelConfig]:
@@ -150,12 +158,14 @@ class HFStep:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _Result(float(out.loss))
+        # the loss stays on the GPU (read after timing), as a training loop that logs every N
+        # steps keeps it: no host synchronisation per step
+        return _Result(out.loss.detach())
 
 
 @dataclass
 class _Result:
-    loss: float
+    loss: torch.Tensor
 
 
 def moe_paths(model: Transformer) -> set[str]:
@@ -184,17 +194,33 @@ def random_batches(config: ModelConfig, count: int, batch: int, seq_len: int, de
 
 
 def timed(device: torch.device, run) -> float:
-    """Seconds one call of `run` takes (CUDA events on a GPU)."""
+    """Seconds one call of `run` takes, from an idle GPU to all its work done (CUDA events)."""
+    return timed_back_to_back(device, [run])[0]
+
+
+def timed_back_to_back(device: torch.device, runs: list) -> list[float]:
+    """Seconds of each call of `runs`, called back to back as a training loop does.
+
+    On a GPU an event is recorded between calls and the host synchronises only after the last,
+    so each interval is the GPU time from one step boundary to the next: a step whose host work
+    (the next forward's launches) overlaps the previous step's queued kernels is not charged
+    for it, and one whose host stalls the GPU is.
+    """
     if device.type != "cuda":
-        start = time.perf_counter()
+        seconds = []
+        for run in runs:
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+    torch.cuda.synchronize(device)
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(runs) + 1)]
+    marks[0].record()
+    for run, mark in zip(runs, marks[1:], strict=True):
         run()
-        return time.perf_counter() - start
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    run()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1000
+        mark.record()
+    marks[-1].synchronize()
+    return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
 
 
 def build_step(name: str, config: ModelConfig, args, device: torch.device):
@@ -227,12 +253,12 @@ def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Ro
     first = timed(device, lambda: results.append(step(1, [batches[0]])))
     for index in range(1, args.warmup):
         results.append(step(index + 1, [batches[index]]))
-    times = []
-    for index in range(args.warmup, args.warmup + args.steps):
-        times.append(timed(device, lambda index=index: results.append(step(index + 1, [batches[index]]))))
-    assert all(torch.isfinite(torch.tensor(r.loss)) for r in results), (
-        "a non-finite loss: the figures would be wrong"
-    )
+    timed_steps = range(args.warmup, args.warmup + args.steps)
+    runs = [lambda index=index: results.append(step(index + 1, [batches[index]])) for index in timed_steps]
+    times = timed_back_to_back(device, runs)
+    # the same steps, each started on an idle GPU and waited for (the previous protocol)
+    isolated = [timed(device, run) for run in runs[: max(3, len(runs) // 3)]]
+    assert all(math.isfinite(float(r.loss)) for r in results), "a non-finite loss: the figures would be wrong"
     seconds = statistics.median(times)
     tokens = args.batch * args.seq_len
     flops_per_token = training_flops_per_token(config, args.seq_len)
@@ -251,7 +277,8 @@ def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Ro
         mfu_datasheet=achieved / H100_BF16_DATASHEET_FLOPS if bf16 else None,
         peak_gb=torch.cuda.max_memory_allocated(device) / 2**30 if bf16 else None,
         moe_path=",".join(sorted(paths)) or "-",
-        loss=results[-1].loss,
+        loss=float(results[-1].loss),
+        isolated_step_ms=statistics.median(isolated) * 1000,
     )
 
 
@@ -267,15 +294,15 @@ def print_table(rows: list[Row], args, device: torch.device) -> None:
         f"compile {args.compile}; median of {args.steps} steps"
     )
     print(
-        "| case | params | active | tokens/step | first step s | step ms | tokens/s | TFLOP/s | "
+        "| case | params | active | tokens/step | first step s | step ms | isolated ms | tokens/s | TFLOP/s | "
         "MFU (790) | MFU (989) | peak GB | moe path | loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "-" if r.peak_gb is None else f"{r.peak_gb:.1f}"
         print(
             f"| {r.case} | {r.parameters / 1e6:.1f}M | {r.active / 1e6:.1f}M | {r.tokens_per_step:,} | "
-            f"{r.first_step_s:.2f} | {r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tflops:.1f} | "
+            f"{r.first_step_s:.2f} | {r.step_ms:.1f} | {r.isolated_step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tflops:.1f} | "
             f"{_percent(r.mfu)} | {_percent(r.mfu_datasheet)} | {peak} | {r.moe_path} | {r.loss:.3f} |"
         )
 

@@ -152,3 +152,23 @@ def test_gathered_gemm_tiles_apply_to_both_kernels() -> None:
         assert gathered_gemm_tiles() == ((64, 128, 32), (64, 128, 32), 4, 4)
     finally:
         gather_gemm.MM_TILES, gather_gemm.WGRAD_TILES, gather_gemm.NUM_WARPS, gather_gemm.NUM_STAGES = before
+
+
+def test_profile_idle_gaps_go_to_the_launcher_of_the_kernel_after_the_gap() -> None:
+    gpu_profile = load_script("gpu_profile")
+    Span = gpu_profile.Span
+    kernels = [  # µs; two profiled steps
+        Span(0, 100, "forward > mm"),
+        Span(50, 120, "forward > add"),  # overlaps: no gap
+        Span(150, 200, "backward > mm"),  # 30 µs idle, waiting for the backward's launch
+        Span(1200, 1300, "optimizer > adamw"),  # 1000 µs idle: a host stall
+        Span(1300, 1400, "backward > mm"),  # back to back: no gap
+        Span(1410, 1500, "backward > mm"),  # 10 µs
+    ]
+    idle_ms, by = gpu_profile.idle_gaps(list(reversed(kernels)), steps=2)
+    assert idle_ms == pytest.approx((30 + 1000 + 10) / 1000 / 2)
+    assert [(r["launched_by"], r["idle_ms"], r["gaps"]) for r in by] == [
+        ("optimizer > adamw", pytest.approx(0.5), 0.5),
+        ("backward > mm", pytest.approx(0.02), 1.0),
+    ]
+    assert gpu_profile.idle_gaps([], steps=1) == (0.0, [])
