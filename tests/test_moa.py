@@ -322,7 +322,7 @@ class _WeightSizedWrites(TorchDispatchMode):
 
     def __init__(self, numel: int) -> None:
         super().__init__()
-        self.numel, self.ops = numel, []
+        self.numel, self.ops, self.inner_strides = numel, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -335,6 +335,10 @@ class _WeightSizedWrites(TorchDispatchMode):
         )
         if copying and isinstance(written, torch.Tensor) and written.numel() >= self.numel:
             self.ops.append(str(func.overloadpacket.__name__))
+            if func.overloadpacket is torch.ops.aten.copy_:
+                # (destination, source) innermost strides: 1 and 1 is a coalesced copy on a GPU;
+                # a transposing copy reads (or writes) a whole row apart per element
+                self.inner_strides.append((args[0].stride(-1), args[1].stride(-1)))
         return out
 
 
@@ -345,7 +349,8 @@ def test_wide_weights_are_built_in_one_pass_in_the_gemm_dtype(
     share_kv: bool, extras: str, master: str
 ) -> None:
     """Each concatenated wide weight (W_q|W_k|W_v where the heads need reordering, W_o always)
-    is written once, already in autocast's dtype: no permuted temporary, no separate cast.
+    is written once, already in autocast's dtype: no permuted temporary, no separate cast, and
+    no transpose (each head's Dh values are contiguous on both sides of the copy).
     Expert-KV without biases projects from views (no wide W_qkv at all). And the result is the
     eager loop's within bf16 rounding."""
     torch.manual_seed(8)
@@ -369,6 +374,7 @@ def test_wide_weights_are_built_in_one_pass_in_the_gemm_dtype(
     else:  # W_o; W_q is a view, which autocast casts once (as it would any nn.Linear weight)
         expected = ["copy_"] if bf16 else ["_to_copy", "copy_"]
     assert sorted(recorder.ops) == expected, recorder.ops
+    assert recorder.inner_strides == [(1, 1)] * expected.count("copy_")  # no transposing copy
     assert out_BSD.dtype == torch.bfloat16
     relative_error = (out_BSD.float() - reference_BSD).norm() / reference_BSD.norm()
     assert relative_error < 2e-2

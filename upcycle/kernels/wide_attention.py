@@ -110,6 +110,19 @@ def _wide_weight(
     return wide_ND
 
 
+def _wide_out_weight(o_proj_EDN: torch.Tensor, layout: WideLayout) -> torch.Tensor:
+    """[D, X·Dh]: every expert's output projection side by side, columns in wide head order,
+    written in one pass in the GEMM's dtype. Built as F.linear's [out, in] weight, so that each
+    head's Dh columns stay contiguous on both sides of the copy (a [X·Dh, D] build would be a
+    transpose: reads strided by H·Dh, several times slower, and so would its gradient's)."""
+    E, D, _ = o_proj_EDN.shape
+    Hk, r, Dh = layout.num_kv_heads, layout.group_size, layout.head_dim
+    wide_DN = o_proj_EDN.new_empty(D, E * Hk * r * Dh, dtype=autocast_dtype(o_proj_EDN))
+    source_DEHkrDh = o_proj_EDN.view(E, D, Hk, r, Dh).transpose(0, 1)
+    layout.per_expert_view(wide_DN.view(D, -1, Dh), 1).copy_(source_DEHkrDh)
+    return wide_DN
+
+
 def project_qkv(
     u_BSD: torch.Tensor,
     q_proj_END: torch.Tensor,
@@ -159,16 +172,13 @@ def gate_and_project_out(
     """
     B, X, S, Dh = heads_BXSDh.shape
     E, H = layout.num_experts, layout.num_heads
-    D = o_proj_EDN.shape[1]
     gate_BSX = layout.to_wide_heads(gate_BSE[..., None].expand(B, S, E, H), 2)
     heads_BSXDh = heads_BXSDh.transpose(1, 2)
     if heads_BSXDh.is_contiguous():  # SDPA's kernels return [B, S, X, Dh] memory: one row per head
         gated_BSXDh = scale_rows(heads_BSXDh.view(-1, Dh), gate_BSX.reshape(-1)).view(B, S, X, Dh)
     else:
         gated_BSXDh = heads_BSXDh * gate_BSX[..., None]
-    w_o_EHkrDhD = o_proj_EDN.view(E, D, layout.num_kv_heads, layout.group_size, Dh).permute(0, 2, 3, 4, 1)
-    w_o_ND = _wide_weight(w_o_EHkrDhD, [], layout)
-    out_BSD = F.linear(gated_BSXDh.reshape(B, S, X * Dh), w_o_ND.T)
+    out_BSD = F.linear(gated_BSXDh.reshape(B, S, X * Dh), _wide_out_weight(o_proj_EDN, layout))
     if o_bias_ED is not None:
         out_BSD = out_BSD + gate_BSE @ o_bias_ED
     return out_BSD
