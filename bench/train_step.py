@@ -12,6 +12,10 @@ Cases (perf.md conventions; FLOPs from `upcycle.model.flops.training_flops_per_t
   BTX), BTX load-balancing loss 0.01: what `upcycle convert` (recipe btx) makes from 4 branches
   of the dense model (weights are random here; speed does not depend on them, and a fresh
   router routes near-uniformly).
+- `mixtral`: perf.md's Mixtral-shaped config (fp32 master weights under bf16 autocast);
+  `mixtral-bf16w`: the same with `precision: bf16-weights` (bf16 weights and AdamW moments,
+  fp32 routers), like for like with `hf-mixtral-bf16` (transformers' MixtralForCausalLM with
+  bf16 weights, grouped_mm experts); `hf-mixtral`: transformers with fp32 weights.
 
 Protocol: warm-up steps first (the first one, which includes compilation with --compile, is
 timed and reported separately), then `--steps` steps back to back as a training loop runs them,
@@ -55,7 +59,7 @@ from upcycle.model import ModelConfig, Transformer
 from upcycle.model.flops import active_parameters, total_parameters, training_flops_per_token
 from upcycle.model.init import init_weights
 from upcycle.model.moe import MoE
-from upcycle.train.build import compile_blocks
+from upcycle.train.build import cast_to_bf16_weights, compile_blocks
 from upcycle.train.distributed import Distributed
 from upcycle.train.metrics import H100_BF16_DATASHEET_FLOPS, H100_BF16_MEASURED_FLOPS
 from upcycle.train.step import benchmark_step
@@ -111,6 +115,7 @@ def case_configs(tiny: bool) -> dict[str, ModelConfig]:
         "dense": ModelConfig(**dense),
         "btx4": ModelConfig(**dense, moe=BTX4),
         "mixtral": ModelConfig(**mixtral, moe=MIXTRAL_MOE),
+        "mixtral-bf16w": ModelConfig(**mixtral, moe=MIXTRAL_MOE),
         "hf-mixtral": ModelConfig(**mixtral, moe=MIXTRAL_MOE),
         "hf-mixtral-bf16": ModelConfig(**mixtral, moe=MIXTRAL_MOE),
     }
@@ -237,6 +242,8 @@ def build_step(name: str, config: ModelConfig, args, device: torch.device):
                 layer.compile()
         return model, HFStep(model, device)
     model = init_weights(Transformer(config), seed=0).to(device).train()
+    if name.endswith("-bf16w") and bf16:
+        cast_to_bf16_weights(model)  # `precision: bf16-weights`: like for like with hf-mixtral-bf16
     if args.compile:
         compile_blocks(model)
     return model, benchmark_step(model, Distributed(device=device), compile_loss=args.compile)
@@ -316,7 +323,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "--cases",
         nargs="+",
         default=["dense", "btx4"],
-        choices=["dense", "btx4", "mixtral", "hf-mixtral", "hf-mixtral-bf16"],
+        choices=["dense", "btx4", "mixtral", "mixtral-bf16w", "hf-mixtral", "hf-mixtral-bf16"],
     )
     parser.add_argument("--batch", type=int, default=16, help="sequences per step (one micro-batch)")
     parser.add_argument("--seq-len", type=int, default=2048)

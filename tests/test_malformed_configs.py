@@ -109,7 +109,10 @@ TRAIN: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
     ),
     "beta_of_one": ({"optimizer.betas": [0.9, 1.0]}, ("optimizer:", "must each be in [0, 1)")),
     "negative_seed": ({"seed": -1}, ("seed: Input should be greater than or equal to 0",)),
-    "precision_typo": ({"precision": "fp16"}, ("precision: Input should be 'auto', 'bf16' or 'fp32'",)),
+    "precision_typo": (
+        {"precision": "fp16"},
+        ("precision: Input should be 'auto', 'bf16', 'fp32' or 'bf16-weights'",),
+    ),
     "freeze_typo": ({"freeze": "routers"}, ("freeze:", "'all_but_routers'")),
     "two_stop_rules": (
         {"stop.max_tokens": 1000},

@@ -168,3 +168,45 @@ def test_data_prepare_command(prepared_data, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert_refused(run_cli("data", "prepare", path, tmp_path / "other", "--quiet"), "does not exist")
     assert not (tmp_path / "other").exists()
+
+
+def test_bf16_weights_keep_routers_in_fp32() -> None:
+    from upcycle.train.build import cast_to_bf16_weights
+
+    bam = dict(
+        DENSE,
+        block="parallel",
+        moe={"num_experts": 2, "top_k": 1, "routing": "softmax_topk", "implementation": "eager"},
+        moa={"num_experts": 2},
+    )
+    model = init_weights(Transformer(ModelConfig(**bam)), seed=0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cast_to_bf16_weights(model)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    routers = {name for name in dtypes if name.endswith(("mlp.gate.weight", "self_attn.router.weight"))}
+    assert len(routers) == 2 * DENSE["num_hidden_layers"], routers
+    assert all(dtypes[name] == torch.float32 for name in routers)
+    assert all(dtype == torch.bfloat16 for name, dtype in dtypes.items() if name not in routers)
+    for name, p in model.named_parameters():  # a cast, nothing else
+        assert torch.equal(p, before[name].to(p.dtype)), name
+
+
+def test_bf16_weights_train_like_fp32_master_weights(prepared_data, tmp_path):
+    """`precision: bf16-weights` runs the trainer's step on bf16 weights and bf16 AdamW moments:
+    its first loss is the fp32-master run's (both under bf16 autocast) within bf16 rounding, its
+    weights move, and the final model is saved."""
+    runs = {}
+    for precision in ("bf16", "bf16-weights"):
+        output = tmp_path / precision
+        config = train_config(
+            prepared_data, output, precision=precision, stop={"max_steps": 3}, schedule={"warmup_steps": 0}
+        )
+        result = train(config, quiet=True)
+        runs[precision] = [r["loss"] for r in train_records(output)]
+        final = load_file(result.final_dir / "model.safetensors")
+        initial = init_weights(Transformer(ModelConfig(**MOE)), seed=0).state_dict()
+        moved = [name for name, t in final.items() if not torch.equal(t.float(), initial[name].float())]
+        assert len(moved) == len(final), set(final) - set(moved)
+    assert all(math.isfinite(loss) for losses in runs.values() for loss in losses)
+    assert runs["bf16-weights"][0] == pytest.approx(runs["bf16"][0], rel=1e-2)
+    assert runs["bf16-weights"][-1] == pytest.approx(runs["bf16"][-1], rel=5e-2)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from upcycle.corpus.build import DOMAINS as CORPUS_DOMAINS
 from upcycle.model.config import ModelConfig, StrictModel
+from upcycle.train.config import TrainPrecision
 
 SEED_STARTED = ("dense", "sparse", "nvidia", "drop")  # trained from the seed, on the mixture
 BRANCH_STARTED = ("btx", "bam")  # mixed from the branches, then finetuned
@@ -32,7 +33,7 @@ class TrainSettings(StrictModel):
     global_batch_size: int = Field(16, gt=0)
     micro_batch_size: int | None = Field(None, gt=0)
     clip_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: TrainPrecision = "auto"
     checkpoint_every_steps: int = Field(0, ge=0, description="0: only the final step")
     compile: bool = False
     extra: dict[str, Any] = Field(

@@ -3,7 +3,8 @@
 1. build: load a checkpoint folder in fp32 (master weights; bf16 is autocast's business), or
    initialise a fresh model from its seed;
 2. freeze parameters by role (`optim.freeze_parameters`);
-3. move to the device;
+3. move to the device; with `precision: bf16-weights`, cast the weights to bf16, routers excepted
+   (`cast_to_bf16_weights`);
 4. activation checkpointing per block;
 5. FSDP2 sharding (`distributed.shard_model`), one unit per block;
 6. torch.compile per block.
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from upcycle.checkpoint.loading import load_model
 from upcycle.model.init import init_weights
+from upcycle.model.router import Router
 from upcycle.model.transformer import Transformer
 from upcycle.train.config import ModelSource
 
@@ -35,6 +37,23 @@ def build_model(source: ModelSource) -> Transformer:
         assert source.config is not None
         model = init_weights(Transformer(source.config), std=source.init_std, seed=source.init_seed)
     return model.train()
+
+
+def cast_to_bf16_weights(model: nn.Module) -> None:
+    """`precision: bf16-weights`: every parameter in bf16 except the routers' weights (fp32).
+
+    The optimiser then keeps its moments in bf16 too (AdamW's state takes its parameter's
+    dtype): half the memory traffic of fp32 master weights in the optimiser step, no per-step
+    casts of the weights and bf16 weight gradients. The price is precision: an update smaller
+    than about 2^-8 of a weight is rounded away, so small learning rates train less well than
+    with fp32 master weights (the default). Routers stay fp32, as their logits and softmax are
+    (the issue's "bf16 weights with an fp32 router"): their gradients are small and their
+    decisions discrete. Buffers (RoPE tables, counters) are not touched.
+    """
+    routers = {id(p) for module in model.modules() if isinstance(module, Router) for p in module.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in routers and parameter.is_floating_point():
+            parameter.data = parameter.data.to(torch.bfloat16)
 
 
 def _checkpointed(forward, *args, **kwargs):

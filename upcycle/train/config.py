@@ -86,6 +86,12 @@ class BatchConfig(_StrictModel):
     grad_accumulation: int | None = Field(None, gt=0)
 
 
+# `auto`: bf16 autocast on CUDA, fp32 on the CPU; `bf16`: bf16 autocast over fp32 master weights;
+# `fp32`: no autocast; `bf16-weights`: bf16 autocast over bf16 weights (routers fp32), see
+# `upcycle.train.build.cast_to_bf16_weights`.
+TrainPrecision = Literal["auto", "bf16", "fp32", "bf16-weights"]
+
+
 class OptimizerConfig(_StrictModel):
     """AdamW. Weight decay applies to matrices (and embeddings), not to norms and biases.
 
@@ -211,7 +217,7 @@ class TrainConfig(_StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     clip_grad_norm: float | None = Field(1.0, gt=0)
     freeze: FreezeMode = "none"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: TrainPrecision = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
     deterministic: bool = False

@@ -34,7 +34,13 @@ from upcycle.data import Batch, TrainBatches
 from upcycle.errors import UpcycleError
 from upcycle.model.flops import active_parameters
 from upcycle.model.transformer import Transformer
-from upcycle.train.build import apply_activation_checkpointing, build_model, compile_blocks, parameter_count
+from upcycle.train.build import (
+    apply_activation_checkpointing,
+    build_model,
+    cast_to_bf16_weights,
+    compile_blocks,
+    parameter_count,
+)
 from upcycle.train.checkpointing import Checkpointer, seed_rng
 from upcycle.train.config import TrainConfig
 from upcycle.train.distributed import Distributed, shard_model
@@ -186,6 +192,8 @@ class Trainer:
         total, trainable = parameter_count(model)
         self.trainable_parameters = trainable
         model.to(distributed.device)
+        if config.precision == "bf16-weights":
+            cast_to_bf16_weights(model)
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
         shard_model(model, distributed, config.parallel.expert_parallel)
@@ -205,7 +213,7 @@ class Trainer:
         precision = self.config.precision
         if precision == "auto":
             precision = "bf16" if self.distributed.device.type == "cuda" else "fp32"
-        return torch.bfloat16 if precision == "bf16" else None
+        return torch.bfloat16 if precision in ("bf16", "bf16-weights") else None
 
     def _maybe_resume(self, optimizer: torch.optim.Optimizer, batches: TrainBatches) -> None:
         if not self.resume:
