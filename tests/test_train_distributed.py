@@ -95,3 +95,21 @@ def test_fsdp2_on_two_processes_matches_one_process(prepared_data, tmp_path):
     moe_records = train_records(tmp_path / "moe-2")
     assert all(sum(r["aux_losses"].values()) > 0 for r in moe_records)
     assert _losses(resumed) == _losses(tmp_path / "moe-2")  # resumed on 2 ranks from step 3: exact
+
+
+def test_bf16_weights_with_fp32_routers_shard_on_two_processes(prepared_data, tmp_path):
+    """`precision: bf16-weights` under FSDP2: the fp32 routers get FSDP units of their own (one
+    parameter dtype per unit, or FSDP2 refuses the block), and two processes train as one does,
+    within bf16 rounding (the gradients are reduced in bf16 on two ranks, accumulated in bf16
+    over two micro-batches on one)."""
+    config = {**_config(prepared_data, tmp_path / "two", MOE), "precision": "bf16-weights"}
+    spawn([(config, False, None)])
+    train({**config, "output": str(tmp_path / "one")}, quiet=True)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == STEPS
+    assert max(abs(a - b) / a for a, b in zip(one, two, strict=True)) < 1e-2, (one, two)
+    assert one[-1] < one[0]
+    saved = load_file(tmp_path / "two" / "checkpoints" / "step-00000003" / "model" / "model.safetensors")
+    dtypes = {name: t.dtype for name, t in saved.items()}  # the training state, as it was sharded
+    assert {d for n, d in dtypes.items() if n.endswith("mlp.gate.weight")} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not n.endswith("mlp.gate.weight")} == {torch.bfloat16}

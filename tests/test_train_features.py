@@ -210,3 +210,25 @@ def test_bf16_weights_train_like_fp32_master_weights(prepared_data, tmp_path):
     assert all(math.isfinite(loss) for losses in runs.values() for loss in losses)
     assert runs["bf16-weights"][0] == pytest.approx(runs["bf16"][0], rel=1e-2)
     assert runs["bf16-weights"][-1] == pytest.approx(runs["bf16"][-1], rel=5e-2)
+
+
+def test_bf16_weights_resume_bit_for_bit(prepared_data, tmp_path):
+    """A bf16-weights run resumed from its step-3 checkpoint continues exactly as the straight
+    run: bf16 weights and moments and fp32 routers come back as they were saved."""
+    import shutil
+
+    settings = dict(precision="bf16-weights", stop={"max_steps": 5}, checkpoint={"every_steps": 3})
+    straight = train_config(prepared_data, tmp_path / "straight", **settings)
+    train(straight, quiet=True)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000005")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= 3]
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("".join(kept))
+    train({**straight, "output": str(tmp_path / "resumed")}, resume=True, quiet=True)
+    losses = {run: [r["loss"] for r in train_records(tmp_path / run)] for run in ("straight", "resumed")}
+    assert len(losses["straight"]) == 5 and losses["resumed"] == losses["straight"]
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

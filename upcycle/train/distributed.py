@@ -137,9 +137,24 @@ def shard_model(model: nn.Module, distributed: Distributed, expert_parallel: int
     fully_shard = _fully_shard()
     mesh = init_device_mesh(distributed.device.type, (distributed.world_size,))
     for block in model.model.layers:
-        fully_shard(block, mesh=mesh)
+        shard_block(block, mesh, fully_shard)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def shard_block(block: nn.Module, mesh, fully_shard) -> None:
+    """One FSDP2 unit for `block`. FSDP2 wants one parameter dtype per unit, so where the block
+    mixes dtypes (`precision: bf16-weights` keeps the routers in fp32) each router whose dtype
+    differs from the block's other parameters becomes a unit of its own first."""
+    from upcycle.model.router import Router
+
+    routers = [m for m in block.modules() if isinstance(m, Router)]
+    in_routers = {id(p) for router in routers for p in router.parameters()}
+    others = {p.dtype for p in block.parameters() if id(p) not in in_routers}
+    for router in routers:
+        if {p.dtype for p in router.parameters()} - others:
+            fully_shard(router, mesh=mesh)
+    fully_shard(block, mesh=mesh)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

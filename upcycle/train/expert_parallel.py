@@ -238,7 +238,7 @@ def _expert_placement(dp: int):
 
 def shard_model_expert_parallel(model: nn.Module, device_type: str, world_size: int, ep: int) -> nn.Module:
     """EP over `ep` ranks composed with FSDP2: experts over dp, everything else over the world."""
-    from upcycle.train.distributed import _fully_shard
+    from upcycle.train.distributed import _fully_shard, shard_block
 
     fully_shard = _fully_shard()
     meshes = expert_parallel_meshes(device_type, world_size, ep)
@@ -246,7 +246,7 @@ def shard_model_expert_parallel(model: nn.Module, device_type: str, world_size: 
     for moe in moe_layers(model):
         fully_shard(moe.experts, mesh=meshes.experts["dp"], shard_placement_fn=_expert_placement(meshes.dp))
     for block in model.model.layers:
-        fully_shard(block, mesh=meshes.world)
+        shard_block(block, meshes.world, fully_shard)
     fully_shard(model, mesh=meshes.world)
     return model
 
