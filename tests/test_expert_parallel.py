@@ -274,3 +274,23 @@ def test_compiled_blocks_with_expert_parallelism(prepared_data, tmp_path):
     ep2, ep1 = (_records(tmp_path / name, "train") for name in ("ep2", "ep1"))
     assert len(ep2) == len(ep1) == 2
     assert _max_difference([r["loss"] for r in ep2], [r["loss"] for r in ep1]) <= 1e-6
+
+
+def test_bf16_weights_with_expert_parallelism(prepared_data, tmp_path):
+    """`precision: bf16-weights` with the experts sharded over 2 ranks: the fp32 routers get FSDP
+    units of their own beside the bf16 blocks, and the run trains as one process does within
+    bf16 rounding."""
+    config = _config(prepared_data, tmp_path / "ep2", 2, precision="bf16-weights", eval={"at_end": False})
+    spawn(_train_worker, 2, ([(config, False, None)],))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(
+            _config(prepared_data, tmp_path / "one", 1, precision="bf16-weights", eval={"at_end": False}),
+            quiet=True,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    one, two = ([r["loss"] for r in _records(tmp_path / run, "train")] for run in ("one", "ep2"))
+    assert len(one) == len(two) == STEPS
+    assert max(abs(a - b) / a for a, b in zip(one, two, strict=True)) < 1e-2, (one, two)
