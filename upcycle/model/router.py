@@ -185,3 +185,8 @@ def capacity_keep_mask(probs_TE: torch.Tensor, indices_TK: torch.Tensor, capacit
     keep_A = torch.empty(T * K, dtype=torch.bool, device=expert_A.device)
     keep_A.scatter_(0, order_A, rank_in_expert_A < capacity)
     return keep_A.view(T, K)
+
+
+def router_parameter_ids(module: nn.Module) -> set[int]:
+    """ids of the parameters of every `Router` inside `module` (its MoE and MoA routers)."""
+    return {id(p) for m in module.modules() if isinstance(m, Router) for p in m.parameters()}

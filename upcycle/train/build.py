@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from upcycle.checkpoint.loading import load_model
 from upcycle.model.init import init_weights
-from upcycle.model.router import Router
+from upcycle.model.router import router_parameter_ids
 from upcycle.model.transformer import Transformer
 from upcycle.train.config import ModelSource
 
@@ -50,7 +50,7 @@ def cast_to_bf16_weights(model: nn.Module) -> None:
     (the issue's "bf16 weights with an fp32 router"): their gradients are small and their
     decisions discrete. Buffers (RoPE tables, counters) are not touched.
     """
-    routers = {id(p) for module in model.modules() if isinstance(module, Router) for p in module.parameters()}
+    routers = router_parameter_ids(model)
     for parameter in model.parameters():
         if id(parameter) not in routers and parameter.is_floating_point():
             parameter.data = parameter.data.to(torch.bfloat16)

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from upcycle.model.router import Router, router_parameter_ids
+
 
 def _fully_shard():
     try:
@@ -146,10 +148,8 @@ def shard_block(block: nn.Module, mesh, fully_shard) -> None:
     """One FSDP2 unit for `block`. FSDP2 wants one parameter dtype per unit, so where the block
     mixes dtypes (`precision: bf16-weights` keeps the routers in fp32) each router whose dtype
     differs from the block's other parameters becomes a unit of its own first."""
-    from upcycle.model.router import Router
-
     routers = [m for m in block.modules() if isinstance(m, Router)]
-    in_routers = {id(p) for router in routers for p in router.parameters()}
+    in_routers = router_parameter_ids(block)
     others = {p.dtype for p in block.parameters() if id(p) not in in_routers}
     for router in routers:
         if {p.dtype for p in router.parameters()} - others:
