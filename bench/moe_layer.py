@@ -44,12 +44,13 @@ Prints the tables last. Exits 1 if any correctness check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -357,6 +358,7 @@ class Impl:
     check_weight: torch.Tensor
     reference: str  # which reference: "ours", "hf", "dense", "skew"
     timing_input: str = "x"  # "x" or "skew"
+    graphed: bool = False  # timed as replays of one CUDA graph of the whole step
 
 
 def measure(
@@ -375,6 +377,10 @@ def measure(
     synchronize(device)
     first_s = time.perf_counter() - first
     result: dict[str, object] = {"first_step_s": first_s}
+    if impl.graphed:
+        replay, result["graph_vs_eager"] = capture_step(impl, x, g, device, warmup)
+        result["ms_all"] = time_calls(replay, device, warmup=1, steps=steps)
+        return result
     times = time_calls(step, device, warmup=max(warmup - 1, 0), steps=steps)
     result["ms_all"] = times
     if device.type == "cuda":
@@ -394,6 +400,61 @@ def measure(
         for param in impl.params:
             param.grad = None
     return result
+
+
+@contextlib.contextmanager
+def device_side_counts() -> Iterator[None]:
+    """The expert path without its host-count route (per-expert weight-gradient GEMMs whose
+    sizes are copied to the host during forward): every size stays on the device, as a CUDA graph
+    needs; the weight gradients go to torch._grouped_mm, as for layers above the expert limit."""
+    limit = grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS
+    grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = 0
+    try:
+        yield
+    finally:
+        grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = limit
+
+
+def capture_step(
+    impl: Impl, x: torch.Tensor, g: torch.Tensor, device: torch.device, warmup: int
+) -> tuple[Callable[[], None], float]:
+    """One CUDA graph of a whole step (zeroed gradients, forward, backward) and its replay.
+
+    A graph replays the recorded kernels with no host work between them: the time left is the
+    kernels' own. The replay's output and input gradient are checked against an eager step on
+    the same inputs (relative error returned; they run the same kernels, so it is about 0).
+    """
+    static_x = x.detach().clone().requires_grad_()
+    out: list[torch.Tensor] = []
+
+    def step() -> None:
+        for param in impl.params:
+            param.grad = None
+        static_x.grad = None
+        y = impl.forward(static_x)
+        y.backward(g)
+        out[:] = [y.detach()]
+
+    with device_side_counts():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+            for _ in range(max(warmup, 2)):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        synchronize(device)
+        replayed_out, replayed_dx = out[0].clone(), static_x.grad.clone()
+        eager_x = x.detach().clone().requires_grad_()
+        eager_out = impl.forward(eager_x)
+        eager_out.backward(g)
+    error = max(relative_error(replayed_out, eager_out.detach()), relative_error(replayed_dx, eager_x.grad))
+    for param in impl.params:
+        param.grad = None
+    return graph.replay, error
 
 
 def run_shape(
@@ -453,6 +514,29 @@ def run_shape(
 
     if device.type == "cuda":
         impls.append(Impl("ours grouped, fused gathers", fused_gathers, moe_params, weights.w_in, "ours"))
+    if device.type == "cuda":
+        # Whole steps replayed as CUDA graphs, dense and ours alike: the kernels' time without the
+        # host's launch gaps (our routing has no host synchronisation, so the step can be captured).
+        impls.append(
+            Impl(
+                "dense_ref graphed",
+                dense,
+                list(dense.parameters()),
+                dense.gate_proj.weight,
+                "dense",
+                graphed=True,
+            )
+        )
+        impls.append(
+            Impl(
+                "ours grouped graphed",
+                ours_forward(ours["grouped"]),
+                moe_params,
+                weights.w_in,
+                "ours",
+                graphed=True,
+            )
+        )
     if compile_:
         compiled = torch.compile(ours["grouped"], dynamic=False)
         impls.append(Impl("ours grouped compiled", ours_forward(compiled), moe_params, weights.w_in, "ours"))
@@ -534,6 +618,9 @@ def run_shape(
             log(f"[{shape.name}] time  {impl.name:<22} FAILED: {row.note}")
             free_memory(device)
             continue
+        if "graph_vs_eager" in result:
+            row.errors["graph"] = result["graph_vs_eager"]
+            row.ok = row.ok and passes(row.errors)
         times = result["ms_all"]
         row.ms = statistics.median(times)
         row.ms_spread = (min(times), max(times))
@@ -567,12 +654,13 @@ def results_table(rows: list[Row], ceiling: float | None) -> list[str]:
     ]
     for row in rows:
         named = by_name(rows, row.shape)
-        dense, hf_eager, hf_grouped = (named.get(n) for n in ("dense_ref", "hf eager", "hf grouped_mm"))
+        dense_name = "dense_ref graphed" if row.impl.endswith("graphed") else "dense_ref"
+        dense, hf_eager, hf_grouped = (named.get(n) for n in (dense_name, "hf eager", "hf grouped_mm"))
         eff = ratio(dense.ms if dense else None, row.ms)
         vs_eager = ratio(hf_eager.ms if hf_eager else None, row.ms)
         vs_grouped = ratio(hf_grouped.ms if hf_grouped else None, row.ms)
         act_vs_dense = ratio(row.act_gib, dense.act_gib if dense else None)
-        errs = " / ".join(f"{row.errors[k]:.1e}" for k in ("out", "dx", "dw_in") if k in row.errors) or "n/a"
+        errs = " / ".join(f"{row.errors[k]:.1e}" for k in ("out", "dx", "dw_in", "graph") if k in row.errors) or "n/a"
         verdict = "ok" if row.ok else "FAIL"
         if row.compile_s is not None:
             verdict += f" (compile {row.compile_s:.0f} s)"
@@ -615,6 +703,14 @@ def targets_table(rows: list[Row]) -> list[str]:
             lines.append(
                 f"| {shape} | ours grouped compiled layer_eff | {fmt(c_eff, '.2f')} | ≥ {target} "
                 f"| {fmt(ratio(c_eff, target), '.2f')} | {verdict} |"
+            )
+        graphed, dense_graphed = named.get("ours grouped graphed"), named.get("dense_ref graphed")
+        if graphed is not None and dense_graphed is not None and target is not None:
+            g_eff = ratio(dense_graphed.ms, graphed.ms)
+            verdict = "n/a" if g_eff is None else ("MET" if g_eff >= target else "MISSED")
+            lines.append(
+                f"| {shape} | ours grouped graphed ÷ dense_ref graphed | {fmt(g_eff, '.2f')} | ≥ {target} "
+                f"| {fmt(ratio(g_eff, target), '.2f')} | {verdict} |"
             )
         hf_grouped = named.get("hf grouped_mm")
         speedup = ratio(hf_grouped.ms if hf_grouped else None, grouped.ms if grouped else None)
