@@ -2,7 +2,9 @@
 
 A router is a linear map D → E without bias. Its logits, softmax and top-k run in fp32 whatever
 the model dtype (fp64 for an fp64 model, so that the exactness tests of methods.md §7 stay
-exact), with autocast switched off so that a bf16 autocast region cannot lower them.
+exact), with autocast switched off so that a bf16 autocast region cannot lower them. A bf16
+input on a GPU gets the same fp32 logits from bf16 tensor-core GEMMs over exact bf16 splits of
+the weight (`upcycle.kernels.router_gemm`) instead of an upcast copy and an fp32 GEMM.
 
 Routing functions (all return a `Routing`):
 
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from upcycle.kernels import router_gemm
 
 
 @dataclass
@@ -140,6 +144,10 @@ class Router(nn.Module):
         self.step.fill_(step)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if router_gemm.applies(x_TD, self.weight):
+            # bf16 input on a GPU: the same fp32 logits from bf16 tensor-core GEMMs
+            flat = router_gemm.router_logits(x_TD.reshape(-1, x_TD.shape[-1]), self.weight)
+            return flat.view(*x_TD.shape[:-1], self.num_experts)
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.to(dtype), self.weight.to(dtype))

@@ -1,0 +1,159 @@
+"""The fp32 router logits from bf16 GEMMs (upcycle/kernels/router_gemm.py) against fp64.
+
+On the CPU the bf16 GEMMs are emulated by fp32 GEMMs of the upcast operands, which give the same
+numbers (products of bf16 values are exact in fp32, the sums are fp32), so these tests check the
+splitting and the stacking, which is where an error would be.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from upcycle.kernels import router_gemm
+from upcycle.model.router import Router
+
+T, D, E = 96, 320, 12
+
+
+def _inputs(weight_dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=gen).to(torch.bfloat16)
+    # weights over several binades, as trained routers have
+    w = (torch.randn(E, D, generator=gen) * torch.exp(torch.randn(E, D, generator=gen))).to(weight_dtype)
+    g = torch.randn(T, E, generator=gen) * torch.exp(torch.randn(T, E, generator=gen))
+    return x, w, g
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.detach().double() - ref).norm() / ref.norm())
+
+
+def test_three_bf16_parts_sum_to_the_fp32_value_exactly():
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randn(4096, generator=gen) * torch.exp(4 * torch.randn(4096, generator=gen))
+    parts = router_gemm.split_bf16(t, 3)
+    assert all(p.dtype == torch.bfloat16 for p in parts)
+    assert torch.equal(sum(p.double() for p in parts), t.double())
+    two = router_gemm.split_bf16(t, 2)
+    assert not torch.equal(sum(p.double() for p in two), t.double())  # two parts are not enough
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_logits_and_gradients_at_fp32_accuracy(weight_dtype):
+    x, w, g = _inputs(weight_dtype)
+    x64, w64, g64 = x.double(), w.double(), g.double()
+    ref = x64 @ w64.T
+    fp32 = x.float() @ w.float().T  # what the upcast path computes
+    x_ = x.clone().requires_grad_()
+    w_ = w.clone().requires_grad_()
+    logits = router_gemm.router_logits(x_, w_)
+    assert logits.dtype == torch.float32 and logits.shape == (T, E)
+    # fp32 accuracy: an exact product per term, fp32 sums (two bf16 parts would be ~1e-5 off)
+    assert _rel(logits, ref) <= max(2 * _rel(fp32, ref), 1e-7)
+    logits.backward(g)
+    assert w_.grad.dtype == weight_dtype and x_.grad.dtype == torch.bfloat16
+    dw_ref, dx_ref = g64.T @ x64, g64 @ w64
+    if weight_dtype == torch.float32:
+        assert _rel(w_.grad, dw_ref) <= max(2 * _rel(g.T @ x.float(), dw_ref), 1e-7)
+    else:  # one rounding to bf16 of an fp32-accurate gradient
+        assert torch.equal(w_.grad, dw_ref.to(torch.bfloat16)) or _rel(w_.grad, dw_ref) <= 2**-9
+    # dx: accurate to 2^-16 of the terms' size before its one rounding to bf16, so within half a
+    # bf16 step of fp64's (plus that term error, for sums that cancel)
+    half_step = 0.5 * torch.finfo(torch.bfloat16).eps * dx_ref.abs()
+    terms = g64.abs() @ w64.abs()
+    assert ((x_.grad.double() - dx_ref).abs() <= half_step + 2**-15 * terms).all()
+    # and no looser than the upcast path's fp32 gradient rounded to bf16
+    upcast = (g @ w.float()).to(torch.bfloat16)
+    assert _rel(x_.grad, dx_ref) <= 1.01 * _rel(upcast, dx_ref)
+
+
+def test_gradients_only_where_needed_and_no_tokens():
+    x, w, g = _inputs(torch.float32)
+    w_ = w.clone().requires_grad_()
+    router_gemm.router_logits(x, w_).backward(g)
+    assert w_.grad.shape == w.shape
+    empty = router_gemm.router_logits(x[:0], w)
+    assert empty.shape == (0, E)
+    dx, dw = router_gemm.router_logits_backward(g[:0], x[:0], w, True, True)
+    assert dx.shape == (0, D) and torch.equal(dw, torch.zeros_like(w))
+
+
+def test_opcheck():
+    x, w, _ = _inputs(torch.float32)
+    torch.library.opcheck(router_gemm.router_logits, (x, w.requires_grad_()))
+    torch.library.opcheck(router_gemm.router_logits, (x.requires_grad_(), w.to(torch.bfloat16)))
+
+
+def test_router_takes_the_bf16_path_where_it_applies(monkeypatch):
+    x, w, g = _inputs(torch.float32)
+    router = Router(D, E, "softmax_topk", 2)
+    with torch.no_grad():
+        router.weight.copy_(w)
+    x3 = x.view(4, T // 4, D).clone().requires_grad_()
+    plain = router.logits(x3)
+    monkeypatch.setattr(router_gemm, "applies", lambda x_TD, weight_ED: True)
+    calls = []
+    op = router_gemm.router_logits
+    monkeypatch.setattr(router_gemm, "router_logits", lambda *args: calls.append(args) or op(*args))
+    fast = router.logits(x3)
+    assert len(calls) == 1 and calls[0][0].shape == (T, D)
+    assert fast.shape == plain.shape == (4, T // 4, E) and fast.dtype == torch.float32
+    ref = x3.detach().double() @ w.double().T
+    assert _rel(fast, ref) <= max(2 * _rel(plain, ref), 1e-7)
+    fast.backward(g.view(4, T // 4, E))
+    fast_dx, fast_dw = x3.grad.clone(), router.weight.grad.clone()
+    x3.grad, router.weight.grad = None, None
+    plain.backward(g.view(4, T // 4, E))
+    dw_ref = g.double().T @ x.double()
+    assert _rel(fast_dw, dw_ref) <= max(2 * _rel(router.weight.grad, dw_ref), 1e-7)
+    dx_ref = g.double() @ w.double()
+    assert _rel(fast_dx.view(T, D), dx_ref) <= 1.01 * _rel(x3.grad.view(T, D), dx_ref)
+
+
+def test_compiled_router_logits_equal_eager(monkeypatch):
+    monkeypatch.setattr(router_gemm, "applies", lambda x_TD, weight_ED: True)
+    x, w, g = _inputs(torch.float32)
+    router = Router(D, E, "softmax_topk", 2)
+    with torch.no_grad():
+        router.weight.copy_(w)
+    compiled = torch.compile(router.logits, fullgraph=True, dynamic=False)
+    eager_out = router.logits(x)
+    out = compiled(x)
+    assert torch.equal(out, eager_out)
+    out.backward(g)
+    compiled_dw = router.weight.grad.clone()
+    router.weight.grad = None
+    eager_out.backward(g)
+    assert torch.equal(compiled_dw, router.weight.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_bf16_gemms_at_fp32_accuracy(weight_dtype):
+    """The CUDA path (bf16 GEMMs with fp32 output) against fp64 and the upcast fp32 path, at a
+    router's shape (4096 tokens, D 2048, 64 experts); TF32 stays off for the fp32 comparison."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4096, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+    w = (0.02 * torch.randn(64, 2048, device="cuda", generator=gen)).to(weight_dtype)
+    g = torch.randn(4096, 64, device="cuda", generator=gen)
+    router = Router(2048, 64, "softmax_topk", 8).cuda()
+    with torch.no_grad():
+        router.weight.data = w.clone()
+    assert router_gemm.applies(x, router.weight)
+    x_ = x.clone().requires_grad_()
+    logits = router.logits(x_)
+    logits.backward(g)
+    x64, w64, g64 = x.double(), w.double(), g.double()
+    upcast = x.float() @ w.float().T
+    assert _rel(logits, x64 @ w64.T) <= max(2 * _rel(upcast, x64 @ w64.T), 1e-7)
+    dw_ref = g64.T @ x64
+    if weight_dtype == torch.float32:
+        assert _rel(router.weight.grad, dw_ref) <= max(2 * _rel(g.T @ x.float(), dw_ref), 1e-7)
+    else:
+        assert _rel(router.weight.grad, dw_ref) <= 2**-8
+    dx_ref = g64 @ w64
+    assert _rel(x_.grad, dx_ref) <= 1.01 * _rel((g @ w.float()).to(torch.bfloat16), dx_ref)
+    compiled = torch.compile(router.logits, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), logits.detach(), rtol=0, atol=0)

@@ -1,0 +1,142 @@
+"""Router logits at fp32 accuracy from bf16 tensor-core GEMMs (the fp32 router of methods.md §1.1).
+
+The router computes l = x W^T in fp32 whatever the model dtype (`upcycle.model.router`). With a
+bf16 input x that means an upcast copy of x, an fp32 GEMM on CUDA cores, and in backward an fp32
+dL/dx of the full [T, D] size cast back to bf16: on the fine-grained S2 layer about 3% of the
+step (bench/RESULTS.md, "Where S2's time goes"), for a GEMM with only E output columns.
+
+Every fp32 number is the exact sum of three bf16 numbers (each rounding to bf16 keeps 8 of the
+24 significand bits and leaves an fp32-exact remainder; the exponent ranges are the same), and
+the product of two bf16 numbers is exact in fp32. So, with x already bf16 (exact):
+
+- forward: l = x W_0^T + x W_1^T + x W_2^T with W = W_0 + W_1 + W_2: one bf16 GEMM against the
+  three parts stacked ([3E, D]), fp32 accumulation and output, then the three [T, E] slices summed
+  (smallest first). Every product is exact; what differs from an fp32 GEMM is the order of the
+  fp32 additions, which no GEMM specifies anyway.
+- dL/dW = g^T x with g = g_0 + g_1 + g_2 (the fp32 logit gradient split the same way): one GEMM,
+  exact products, fp32 accumulation; returned in W's dtype.
+- dL/dx = g W, wanted in bf16 (x's dtype): the terms g_0 W_0 + g_1 W_0 + g_0 W_1 carry it to a
+  relative 2^-16, far below the one rounding to bf16 at the end (2^-8); one GEMM with K = 3E and
+  bf16 output (fp32 accumulation inside the GEMM).
+
+A bf16 weight (a bf16 checkpoint) is its own single part. Other dtypes (fp32 or fp64 inputs: the
+exactness tests of methods.md §7) and the CPU keep the plain upcast GEMM (`applies`).
+
+Forward and backward are custom operators (`upcycle::router_logits` and its backward), so that
+compiled graphs run these same GEMMs (a bf16 GEMM with an fp32 output is not an operator every
+inductor version lowers). tests/test_router_gemm.py checks it against
+fp64 products on the CPU, where the bf16 GEMMs are emulated exactly in fp32 (products of bf16
+numbers are exact there too), and with `torch.library.opcheck`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BF16 = torch.bfloat16
+
+
+def applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
+    """Whether `router_logits` computes the fp32 logits here: a bf16 input on CUDA and an fp32 or
+    bf16 weight (elsewhere the upcast fp32 GEMM is as fast or the only exact choice)."""
+    return x_TD.is_cuda and x_TD.dtype == _BF16 and weight_ED.dtype in (torch.float32, _BF16)
+
+
+def split_bf16(t: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """bf16 tensors whose fp32 sum is `t` (fp32 or bf16): exactly for 3 parts, barring values
+    within 2^16 of fp32's smallest normal number, whose last parts underflow."""
+    pieces, rest = [], t.float()
+    for i in range(parts):
+        piece = rest.to(_BF16)
+        pieces.append(piece)
+        if i + 1 < parts:
+            rest = rest - piece.float()  # exact: the rounding error of an fp32 → bf16 rounding
+    return pieces
+
+
+def _weight_parts(weight_ED: torch.Tensor) -> int:
+    return 1 if weight_ED.dtype == _BF16 else 3
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for bf16 a and b, fp32 accumulation and fp32 result. On the CPU the same numbers
+    come from an fp32 GEMM of the upcast operands (their products are exact in fp32)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _mm_bf16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for bf16 a and b, fp32 accumulation, one rounding to bf16 at the end."""
+    if a.is_cuda:
+        return torch.mm(a, b)
+    return (a.float() @ b.float()).to(_BF16)
+
+
+def _sum_parts(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The sum of the parts' products, smallest parts first."""
+    total = parts[-1]
+    for part in reversed(parts[:-1]):
+        total = total + part
+    return total.contiguous()
+
+
+@torch.library.custom_op("upcycle::router_logits", mutates_args=())
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """fp32 logits x W^T of a 2-D bf16 `x_TD` and an fp32 or bf16 `weight_ED` (module docstring)."""
+    parts, E = _weight_parts(weight_ED), weight_ED.shape[0]
+    stacked = torch.cat(split_bf16(weight_ED, parts))  # [parts·E, D]
+    return _sum_parts(_mm_fp32(x_TD, stacked.t()).view(x_TD.shape[0], parts, E).unbind(1))
+
+
+@router_logits.register_fake
+def _(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    return x_TD.new_empty((x_TD.shape[0], weight_ED.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("upcycle::router_logits_backward", mutates_args=())
+def router_logits_backward(
+    grad_TE: torch.Tensor, x_TD: torch.Tensor, weight_ED: torch.Tensor, needs_x: bool, needs_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx in bf16, dL/dW in W's dtype); a gradient not needed comes back empty."""
+    grad_TE = grad_TE.float()
+    dx_TD = x_TD.new_empty(0)
+    dw_ED = weight_ED.new_empty(0)
+    if needs_x:
+        g_0, g_1 = split_bf16(grad_TE, 2)
+        w = split_bf16(weight_ED, _weight_parts(weight_ED))
+        # g_0 W_0 + g_1 W_0 (+ g_0 W_1 for an fp32 weight): one GEMM over the stacked terms
+        lhs, rhs = [g_0, g_1], [w[0], w[0]]
+        if len(w) > 1:
+            lhs.append(g_0)
+            rhs.append(w[1])
+        dx_TD = _mm_bf16(torch.cat(lhs, dim=1), torch.cat(rhs))
+    if needs_weight:
+        E = weight_ED.shape[0]
+        g_parts = torch.cat(split_bf16(grad_TE, 3), dim=1)  # [T, 3E]
+        dw_ED = _sum_parts(_mm_fp32(g_parts.t(), x_TD).view(3, E, x_TD.shape[1]).unbind(0)).to(
+            weight_ED.dtype
+        )
+    return dx_TD, dw_ED
+
+
+@router_logits_backward.register_fake
+def _(grad_TE, x_TD, weight_ED, needs_x, needs_weight):
+    dx = x_TD.new_empty(x_TD.shape if needs_x else (0,))
+    dw = weight_ED.new_empty(weight_ED.shape if needs_weight else (0,))
+    return dx, dw
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_TD, weight_ED = inputs
+    ctx.save_for_backward(x_TD, weight_ED)
+
+
+def _backward(ctx, grad_TE):
+    x_TD, weight_ED = ctx.saved_tensors
+    needs_x, needs_weight = ctx.needs_input_grad
+    dx, dw = router_logits_backward(grad_TE, x_TD, weight_ED, needs_x, needs_weight)
+    return (dx if needs_x else None), (dw if needs_weight else None)
+
+
+router_logits.register_autograd(_backward, setup_context=_setup_context)
