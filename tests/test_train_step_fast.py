@@ -137,3 +137,21 @@ def test_fused_order_leaves_everything_untouched_on_a_non_finite_step(policy, fa
         assert [r.skipped for r in plain_results] == [index == at for index in range(1, 4)]
         for p, q in zip(fused.model.parameters(), plain.model.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_batches_reach_the_gpu_through_page_locked_memory() -> None:
+    """Pageable host batches are copied through page-locked memory (no wait for the GPU) and
+    arrive intact, also when the host buffer is overwritten right after the copy is queued."""
+    device = torch.device("cuda")
+    busy = torch.randn(4096, 4096, device=device)
+    source = batches(1)[0]
+    expected = (source.input_ids_BS.clone(), source.labels_BS.clone())
+    for _ in range(20):
+        busy = busy @ busy / 64  # keep the stream busy while the copies are queued
+    ids, labels = step_module.model_inputs(source, device)
+    source.input_ids_BS.fill_(-1)
+    source.labels_BS.fill_(-1)
+    assert ids.device.type == labels.device.type == "cuda"
+    assert torch.equal(ids.cpu(), expected[0]) and torch.equal(labels.cpu(), expected[1])

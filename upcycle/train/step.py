@@ -66,9 +66,19 @@ class StepResult:
     expert_load: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> tokens per expert
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without waiting for the GPU: a copy from pageable host memory first waits
+    for everything queued on the stream (the previous step's optimiser), so host tensors bound for
+    a GPU go through page-locked memory, whose copy is queued like a kernel (torch's caching host
+    allocator keeps the page-locked block until the copy has run)."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def model_inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, labels) on the device; labels are the next tokens, already shifted by the data."""
-    return batch.input_ids_BS.to(device, non_blocking=True), batch.labels_BS.to(device, non_blocking=True)
+    return to_device(batch.input_ids_BS, device), to_device(batch.labels_BS, device)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
