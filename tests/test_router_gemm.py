@@ -39,6 +39,54 @@ def test_three_bf16_parts_sum_to_the_fp32_value_exactly():
     assert not torch.equal(sum(p.double() for p in two), t.double())  # two parts are not enough
 
 
+def test_split_keeps_infinities_nans_and_values_above_the_bf16_range():
+    big = torch.finfo(torch.float32).max
+    t = torch.tensor([big, -big, 3.3895e38, 3.4e38, float("inf"), -float("inf"), float("nan"), -0.0, 1.5])
+    parts = router_gemm.split_bf16(t, 3)
+    total = parts[0].double() + parts[1].double() + parts[2].double()
+    assert torch.equal(total[:4], t[:4].double())  # the largest fp32 values, exactly
+    assert torch.equal(total[4:6], t[4:6].double()) and torch.isnan(total[6])
+    assert torch.equal(total[7:], t[7:].double())
+    w = torch.tensor([[3.4e38, 1.0], [float("inf"), 1.0]])
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.bfloat16)
+    logits = router_gemm.router_logits(x, w)
+    assert logits[0, 0] == x.float()[0, 0] * w[0, 0] and logits[0, 1] == float("inf")
+
+
+def test_applies_only_to_bf16_inputs_on_a_gpu():
+    x, w, _ = _inputs(torch.float32)
+    assert not router_gemm.applies(x, w)  # a CPU tensor
+    assert not router_gemm.applies(x.float(), w)
+
+
+def test_input_gradient_where_the_router_rows_share_a_component():
+    """A softmax gradient sums to zero over experts, so a component every router row shares
+    cancels in g W: the input gradient must stay as accurate as the upcast path's there too."""
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.randn(1, D, generator=gen)
+    for spread in (1.0, 2**-10, 2**-12):
+        w = shared + spread * torch.randn(E, D, generator=gen)
+        x = torch.randn(T, D, generator=gen).to(torch.bfloat16).requires_grad_()
+        logits = router_gemm.router_logits(x, w)
+        g = torch.softmax(logits.detach(), -1) - torch.rand(T, E, generator=gen).softmax(-1)
+        logits.backward(g)
+        dx_ref = g.double() @ w.double()
+        upcast = (g @ w).to(torch.bfloat16)
+        assert _rel(x.grad, dx_ref) <= 1.01 * _rel(upcast, dx_ref), spread
+
+
+def test_double_backward_runs_the_plain_products():
+    x, w, g = _inputs(torch.float32)
+    x_ = x.clone().requires_grad_()
+    w_ = w.clone().requires_grad_()
+    logits = router_gemm.router_logits(x_, w_)
+    (dw,) = torch.autograd.grad(logits, w_, g, create_graph=True)
+    (dw.square().sum()).backward()
+    # d/dx Σ (g^T x)^2 = 2 g (g^T x): the second-order gradient through the plain products
+    expected = 2 * g.double() @ (g.double().T @ x.double())
+    assert _rel(x_.grad, expected) <= 2**-7
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_logits_and_gradients_at_fp32_accuracy(weight_dtype):
     x, w, g = _inputs(weight_dtype)

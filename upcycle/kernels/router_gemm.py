@@ -15,12 +15,16 @@ the product of two bf16 numbers is exact in fp32. So, with x already bf16 (exact
   fp32 additions, which no GEMM specifies anyway.
 - dL/dW = g^T x with g = g_0 + g_1 + g_2 (the fp32 logit gradient split the same way): one GEMM,
   exact products, fp32 accumulation; returned in W's dtype.
-- dL/dx = g W, wanted in bf16 (x's dtype): the terms g_0 W_0 + g_1 W_0 + g_0 W_1 carry it to a
-  relative 2^-16, far below the one rounding to bf16 at the end (2^-8); one GEMM with K = 3E and
-  bf16 output (fp32 accumulation inside the GEMM).
+- dL/dx = g W, wanted in bf16 (x's dtype): the six terms g_i W_j with i + j ≤ 2 carry it to
+  2^-24 of Σ|g||W| (the dropped terms are smaller), far below the one rounding to bf16 at the
+  end, also where the rows of W share a component that cancels in g W (a softmax gradient sums
+  to zero over the experts); one GEMM with K = 6E and bf16 output (fp32 accumulation inside).
 
 A bf16 weight (a bf16 checkpoint) is its own single part. Other dtypes (fp32 or fp64 inputs: the
-exactness tests of methods.md §7) and the CPU keep the plain upcast GEMM (`applies`).
+exactness tests of methods.md §7), the CPU and GPUs without bf16 tensor cores keep the plain
+upcast GEMM (`applies`). A backward pass that is differentiated again (create_graph) computes
+its products the plain way, so double backward works as before; torch.func transforms of the
+operator are not supported.
 
 Forward and backward are custom operators (`upcycle::router_logits` and its backward), so that
 compiled graphs run these same GEMMs (a bf16 GEMM with an fp32 output is not an operator every
@@ -31,26 +35,49 @@ numbers are exact there too), and with `torch.library.opcheck`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _BF16 = torch.bfloat16
 
 
 def applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
-    """Whether `router_logits` computes the fp32 logits here: a bf16 input on CUDA and an fp32 or
-    bf16 weight (elsewhere the upcast fp32 GEMM is as fast or the only exact choice)."""
-    return x_TD.is_cuda and x_TD.dtype == _BF16 and weight_ED.dtype in (torch.float32, _BF16)
+    """Whether `router_logits` computes the fp32 logits here: a bf16 input on an NVIDIA GPU with
+    bf16 tensor cores (compute capability 8 or above; cuBLAS refuses bf16 GEMMs with an fp32
+    output below it) and an fp32 or bf16 weight. Elsewhere the upcast fp32 GEMM is as fast or
+    the only choice."""
+    return (
+        x_TD.is_cuda
+        and x_TD.dtype == _BF16
+        and weight_ED.dtype in (torch.float32, _BF16)
+        and _bf16_tensor_cores(
+            x_TD.device.index if x_TD.device.index is not None else torch.cuda.current_device()
+        )
+    )
+
+
+@functools.cache
+def _bf16_tensor_cores(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 8
+
+
+_BF16_MAX = torch.finfo(_BF16).max
 
 
 def split_bf16(t: torch.Tensor, parts: int) -> list[torch.Tensor]:
     """bf16 tensors whose fp32 sum is `t` (fp32 or bf16): exactly for 3 parts, barring values
-    within 2^16 of fp32's smallest normal number, whose last parts underflow."""
+    within 2^16 of fp32's smallest normal number, whose last parts underflow (an error below
+    2^-133). A finite value above bf16's largest is split around that largest, so no part
+    overflows; an inf or NaN is its own first part, the others zero."""
     pieces, rest = [], t.float()
     for i in range(parts):
-        piece = rest.to(_BF16)
+        finite = torch.isfinite(rest)
+        piece = torch.where(finite, rest.clamp(-_BF16_MAX, _BF16_MAX), rest).to(_BF16)
         pieces.append(piece)
         if i + 1 < parts:
-            rest = rest - piece.float()  # exact: the rounding error of an fp32 → bf16 rounding
+            # exact: the rounding error of an fp32 → bf16 rounding (or the clamped excess)
+            rest = torch.where(finite, rest - piece.float(), 0.0)
     return pieces
 
 
@@ -99,21 +126,21 @@ def router_logits_backward(
     grad_TE: torch.Tensor, x_TD: torch.Tensor, weight_ED: torch.Tensor, needs_x: bool, needs_weight: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx in bf16, dL/dW in W's dtype); a gradient not needed comes back empty."""
-    grad_TE = grad_TE.float()
+    g = split_bf16(grad_TE, 3) if needs_x or needs_weight else []
     dx_TD = x_TD.new_empty(0)
     dw_ED = weight_ED.new_empty(0)
     if needs_x:
-        g_0, g_1 = split_bf16(grad_TE, 2)
+        # Σ g_i W_j over i + j ≤ 2: every term down to 2^-24 of |g||W| (the dropped ones are
+        # smaller), so dL/dx is fp32-accurate before its one rounding to bf16, also where the
+        # rows of W share a component that cancels in g W (softmax gradients sum to zero)
         w = split_bf16(weight_ED, _weight_parts(weight_ED))
-        # g_0 W_0 + g_1 W_0 (+ g_0 W_1 for an fp32 weight): one GEMM over the stacked terms
-        lhs, rhs = [g_0, g_1], [w[0], w[0]]
-        if len(w) > 1:
-            lhs.append(g_0)
-            rhs.append(w[1])
-        dx_TD = _mm_bf16(torch.cat(lhs, dim=1), torch.cat(rhs))
+        pairs = [(i, j) for i in range(3) for j in range(len(w)) if i + j <= 2]
+        lhs = torch.cat([g[i] for i, _ in pairs], dim=1)
+        rhs = torch.cat([w[j] for _, j in pairs])
+        dx_TD = _mm_bf16(lhs, rhs)
     if needs_weight:
         E = weight_ED.shape[0]
-        g_parts = torch.cat(split_bf16(grad_TE, 3), dim=1)  # [T, 3E]
+        g_parts = torch.cat(g, dim=1)  # [T, 3E]
         dw_ED = _sum_parts(_mm_fp32(g_parts.t(), x_TD).view(3, E, x_TD.shape[1]).unbind(0)).to(
             weight_ED.dtype
         )
@@ -135,6 +162,13 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_TE):
     x_TD, weight_ED = ctx.saved_tensors
     needs_x, needs_weight = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        # a backward that is itself differentiated (create_graph=True): the upcast fp32
+        # products, which autograd can differentiate again
+        grad_TE = grad_TE.float()
+        dx = (grad_TE @ weight_ED.float()).to(x_TD.dtype) if needs_x else None
+        dw = (grad_TE.t() @ x_TD.float()).to(weight_ED.dtype) if needs_weight else None
+        return dx, dw
     dx, dw = router_logits_backward(grad_TE, x_TD, weight_ED, needs_x, needs_weight)
     return (dx if needs_x else None), (dw if needs_weight else None)
 
