@@ -2,7 +2,10 @@
 # The speed issue's GPU session in one command (device tool): GPU tests, profiles, layer,
 # attention and whole-step benchmarks; every output lands in $OUT (default runs/speed).
 # Usage: bash bench/speed_gpu.sh [parts...]   parts: tests gemm gather profile layer attention step tuned
-# (default: all but tuned). Each part runs under its own time limit so one slow part cannot
+# quick (default: all but tuned and quick). `quick` is the issue's headline figures in one short
+# device call (about 6 minutes, six files): the Mixtral step (bf16-weights and fp32-master compiled,
+# transformers bf16 eager), both attention variants, the S2 layer with its CUDA-graph rows, the GPU
+# tests of the router GEMMs and input copies, and the compiled bf16-weights step's profile. Each part runs under its own time limit so one slow part cannot
 # stop the rest. The device tool's copy of .git can be stale: pass the commit being measured as
 # UPCYCLE_COMMIT=<hash> so that every table names it (bench/benchlib.py). LAYER_ARGS / GATHER_ARGS
 # add arguments to the layer and gather benches (e.g. GATHER_ARGS="--shapes S2"); STEP_CASES picks
@@ -51,6 +54,18 @@ if has step; then
       --json "$OUT/step_$(echo $c | tr -d ' -').json" 2>&1 | tail -1 >> "$OUT/step.txt"
   done
   cat "$OUT/step.txt"
+fi
+if has quick; then
+  for c in "mixtral-bf16w --compile" "mixtral --compile" "hf-mixtral-bf16"; do
+    timeout 110 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 --cases $c 2>&1 | tail -1 >> "$OUT/step.txt"
+  done
+  cat "$OUT/step.txt"
+  timeout 100 python3 bench/attention_experts.py --no-cudnn > "$OUT/attention.txt" 2>&1; tail -12 "$OUT/attention.txt"
+  timeout 110 python3 bench/moe_layer.py --shapes S2 --no-compile > "$OUT/moe_layer.txt" 2>&1
+  grep -A16 "^| shape | implementation" "$OUT/moe_layer.txt"
+  timeout 60 bash bench/gpu_tests.sh -k "router or page_locked" > "$OUT/gpu_tests.txt" 2>&1; tail -2 "$OUT/gpu_tests.txt"
+  timeout 90 python3 bench/gpu_profile.py step mixtral-bf16w --compile --top 25 > "$OUT/profile.md" 2>&1
+  grep -B2 -A14 "idle" "$OUT/profile.md" | head -40
 fi
 if has tuned; then
   timeout 150 python3 bench/grouped_gemm.py --shapes S2 --json "$OUT/gemm_tuned.json" > "$OUT/gemm_tuned.txt" 2>&1
