@@ -179,9 +179,12 @@ def test_compiled_router_logits_equal_eager(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-def test_gpu_bf16_gemms_at_fp32_accuracy(weight_dtype):
-    """The CUDA path (bf16 GEMMs with fp32 output) against fp64 and the upcast fp32 path, at a
-    router's shape (4096 tokens, D 2048, 64 experts); TF32 stays off for the fp32 comparison."""
+def test_gpu_bf16_gemms_near_fp32_accuracy(weight_dtype):
+    """The CUDA path (bf16 GEMMs with fp32 output) against fp64, at a router's shape (4096 tokens,
+    D 2048, 64 experts). Every product is exact, but Hopper's tensor cores do not add in IEEE
+    fp32: on an H100 the logits came within 2.1e-6 of fp64 (relative norm; an fp32 SGEMM: 2-6e-7,
+    bf16 logits as transformers computes them under autocast: about 4e-3). The bounds: 1e-5 for
+    logits and weight gradient, the bf16 rounding of the upcast path for the input gradient."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(4096, 2048, device="cuda", generator=gen).to(torch.bfloat16)
     w = (0.02 * torch.randn(64, 2048, device="cuda", generator=gen)).to(weight_dtype)
@@ -194,14 +197,17 @@ def test_gpu_bf16_gemms_at_fp32_accuracy(weight_dtype):
     logits = router.logits(x_)
     logits.backward(g)
     x64, w64, g64 = x.double(), w.double(), g.double()
-    upcast = x.float() @ w.float().T
-    assert _rel(logits, x64 @ w64.T) <= max(2 * _rel(upcast, x64 @ w64.T), 1e-7)
-    dw_ref = g64.T @ x64
-    if weight_dtype == torch.float32:
-        assert _rel(router.weight.grad, dw_ref) <= max(2 * _rel(g.T @ x.float(), dw_ref), 1e-7)
-    else:
-        assert _rel(router.weight.grad, dw_ref) <= 2**-8
-    dx_ref = g64 @ w64
-    assert _rel(x_.grad, dx_ref) <= 1.01 * _rel((g @ w.float()).to(torch.bfloat16), dx_ref)
+    errors = {
+        "logits": _rel(logits, x64 @ w64.T),
+        "logits fp32 sgemm": _rel(x.float() @ w.float().T, x64 @ w64.T),
+        "logits bf16": _rel(x @ w.to(torch.bfloat16).T, x64 @ w64.T),
+        "dW": _rel(router.weight.grad, g64.T @ x64),
+        "dW fp32 sgemm": _rel((g.T @ x.float()).to(weight_dtype), g64.T @ x64),
+        "dx": _rel(x_.grad, g64 @ w64),
+        "dx upcast": _rel((g @ w.float()).to(torch.bfloat16), g64 @ w64),
+    }
+    assert errors["logits"] <= 1e-5 and errors["logits"] * 100 <= errors["logits bf16"], errors
+    assert errors["dW"] <= max(1e-5, 1.01 * errors["dW fp32 sgemm"]), errors
+    assert errors["dx"] <= 1.01 * errors["dx upcast"], errors
     compiled = torch.compile(router.logits, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(x), logits.detach(), rtol=0, atol=0)

@@ -35,8 +35,6 @@ numbers are exact there too), and with `torch.library.opcheck`.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 _BF16 = torch.bfloat16
@@ -51,13 +49,11 @@ def applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
         x_TD.is_cuda
         and x_TD.dtype == _BF16
         and weight_ED.dtype in (torch.float32, _BF16)
-        and _bf16_tensor_cores(
-            x_TD.device.index if x_TD.device.index is not None else torch.cuda.current_device()
-        )
+        and _bf16_tensor_cores(x_TD.device.index)
     )
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a constant of the trace: no graph break, no guard
 def _bf16_tensor_cores(index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 8
 
