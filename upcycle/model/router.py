@@ -3,8 +3,9 @@
 A router is a linear map D → E without bias. Its logits, softmax and top-k run in fp32 whatever
 the model dtype (fp64 for an fp64 model, so that the exactness tests of methods.md §7 stay
 exact), with autocast switched off so that a bf16 autocast region cannot lower them. A bf16
-input on a GPU gets the same fp32 logits from bf16 tensor-core GEMMs over exact bf16 splits of
-the weight (`upcycle.kernels.router_gemm`) instead of an upcast copy and an fp32 GEMM.
+input on a GPU gets its fp32 logits from bf16 tensor-core GEMMs over exact bf16 splits of the
+weight (`upcycle.kernels.router_gemm`) instead of an upcast copy and an fp32 GEMM: exact
+products, summed in the tensor cores' accumulator (within about 2e-6 of fp64 on an H100).
 
 Routing functions (all return a `Routing`):
 
@@ -145,7 +146,7 @@ class Router(nn.Module):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if router_gemm.applies(x_TD, self.weight):
-            # bf16 input on a GPU: the same fp32 logits from bf16 tensor-core GEMMs
+            # bf16 input on a GPU: fp32 logits from bf16 tensor-core GEMMs
             flat = router_gemm.router_logits(x_TD.reshape(-1, x_TD.shape[-1]), self.weight)
             return flat.view(*x_TD.shape[:-1], self.num_experts)
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
