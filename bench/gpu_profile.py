@@ -93,6 +93,9 @@ class Span:
     label: str
 
 
+# CUDA runtime and driver calls that put work on a stream (kernel launches, copies, memsets).
+RUNTIME_CALL = re.compile(r"^cu(da)?(Launch|Memcpy|Memset|GraphLaunch)")
+
 # Host calls that wait for the GPU (a stall when the GPU still has work queued).
 SYNC_CALL = re.compile(r"Synchronize|^cudaMemcpy$|^cudaMemcpy2D$|^cuMemcpyDtoH|^cudaStreamWaitEvent$")
 
@@ -132,14 +135,21 @@ def host_waits(events, steps: int) -> tuple[list[Span], list[dict[str, object]]]
     """(kernel spans labelled by the host op that launched them, host synchronisations grouped
     by the op that made them) from a GPU profile's events."""
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    launchers = {
-        e.id: e for e in events if e.device_type == cpu and not getattr(e, "linked_correlation_id", 0)
-    }
+    # A kernel's linked correlation id is that of the runtime call that launched it (cudaLaunchKernel,
+    # cuLaunchKernelEx, a memcpy, ...): the host op is that call's parent. Run G keyed the kernels
+    # by every host event's id instead, and ids of unrelated events (CUPTI's "Activity Buffer
+    # Request") matched: every gap went to that label.
+    runtime = {e.id: e for e in events if e.device_type == cpu and RUNTIME_CALL.match(e.name)}
     spans = []
     for e in events:
         if e.device_type == cuda and not getattr(e, "is_user_annotation", False):
-            launcher = launchers.get(getattr(e, "linked_correlation_id", 0))
-            label = op_label(launcher) if launcher is not None else "(unknown launcher)"
+            call = runtime.get(getattr(e, "linked_correlation_id", 0))
+            if call is None:
+                label = "(unknown launcher)"
+            else:
+                label = (
+                    op_label(call.cpu_parent) if call.cpu_parent is not None else f"{call.name} (top level)"
+                )
             spans.append(Span(e.time_range.start, e.time_range.end, label))
     waits: dict[str, list[float]] = defaultdict(list)
     for e in events:

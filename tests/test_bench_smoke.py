@@ -172,3 +172,30 @@ def test_profile_idle_gaps_go_to_the_launcher_of_the_kernel_after_the_gap() -> N
         ("backward > mm", pytest.approx(0.02), 1.0),
     ]
     assert gpu_profile.idle_gaps([], steps=1) == (0.0, [])
+
+
+def test_profile_labels_each_kernel_by_the_op_above_its_launch_call() -> None:
+    """A kernel's linked correlation id names the runtime call that launched it; the label is
+    that call's parent op. Host events whose ids merely equal it (CUPTI's buffer requests, in
+    run G) must not be taken for the launcher."""
+    from types import SimpleNamespace
+
+    import torch
+
+    gpu_profile = load_script("gpu_profile")
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, device, id_, start, end, parent=None, linked=0):
+        return SimpleNamespace(
+            name=name, device_type=device, id=id_, time_range=SimpleNamespace(start=start, end=end),
+            cpu_parent=parent, linked_correlation_id=linked, is_user_annotation=False,
+        )  # fmt: skip
+
+    mm = event("aten::mm", cpu, 7, 0, 10)
+    launch = event("cudaLaunchKernel", cpu, 41, 2, 4, parent=mm, linked=7)
+    decoy = event("Activity Buffer Request", cpu, 42, 0, 1)
+    sync = event("cudaStreamSynchronize", cpu, 43, 20, 25, parent=mm)
+    kernels = [event("gemm", cuda, 1, 5, 9, linked=41), event("copy", cuda, 2, 12, 13, linked=42)]
+    spans, syncs = gpu_profile.host_waits([mm, launch, decoy, sync, *kernels], steps=1)
+    assert [span.label for span in spans] == ["aten::mm", "(unknown launcher)"]
+    assert [row["call"] for row in syncs] == ["cudaStreamSynchronize in aten::mm"]
