@@ -32,7 +32,8 @@ upcast GEMM (`applies`). A backward pass that is differentiated again (create_gr
 its products the plain way, so double backward works as before; torch.func transforms of the
 operator are not supported.
 
-Forward and backward are custom operators (`upcycle::router_logits` and its backward), so that
+Forward and backward are custom operators (`upcycle::router_logits`, which also returns the
+weight's stacked bf16 parts for backward, and `upcycle::router_logits_backward`), so that
 compiled graphs run these same GEMMs (a bf16 GEMM with an fp32 output is not an operator every
 inductor version lowers). tests/test_router_gemm.py checks it against fp64 products on the
 CPU, where the bf16 GEMMs are emulated by fp32 GEMMs of the upcast operands (products of bf16
@@ -71,15 +72,20 @@ def split_bf16(t: torch.Tensor, parts: int) -> list[torch.Tensor]:
     """bf16 tensors whose fp32 sum is `t` (fp32 or bf16): exactly for 3 parts, barring values
     within 2^16 of fp32's smallest normal number, whose last parts underflow (an error below
     2^-133). A finite value above bf16's largest is split around that largest, so no part
-    overflows; an inf or NaN is its own first part, the others zero."""
-    pieces, rest = [], t.float()
-    for i in range(parts):
-        finite = torch.isfinite(rest)
-        piece = torch.where(finite, rest.clamp(-_BF16_MAX, _BF16_MAX), rest).to(_BF16)
-        pieces.append(piece)
-        if i + 1 < parts:
-            # exact: the rounding error of an fp32 → bf16 rounding (or the clamped excess)
-            rest = torch.where(finite, rest - piece.float(), 0.0)
+    overflows; an inf or NaN is its own first part, the others zero. Eleven element-wise ops
+    for three parts (the router runs them every step: few launches matter)."""
+    t = t.float()
+    piece = torch.where(torch.isfinite(t), t.clamp(-_BF16_MAX, _BF16_MAX), t).to(_BF16)
+    pieces = [piece]
+    if parts > 1:
+        # exact: the rounding error of an fp32 → bf16 rounding (or the clamped excess), finite;
+        # inf - inf and NaN give NaN, which becomes 0
+        rest = (t - piece.float()).nan_to_num_(0.0, 0.0, 0.0)
+        for i in range(1, parts):
+            piece = rest.to(_BF16)
+            pieces.append(piece)
+            if i + 1 < parts:
+                rest = rest - piece.float()
     return pieces
 
 
@@ -111,37 +117,52 @@ def _sum_parts(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 @torch.library.custom_op("upcycle::router_logits", mutates_args=())
+def router_logits_op(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits x W^T, the weight's bf16 parts stacked [parts·E, D]) of a 2-D bf16 `x_TD` and
+    an fp32 or bf16 `weight_ED`; the parts are returned so that backward does not split again."""
+    parts, E = _weight_parts(weight_ED), weight_ED.shape[0]
+    stacked_PD = torch.cat(split_bf16(weight_ED, parts))
+    logits_TE = _sum_parts(_mm_fp32(x_TD, stacked_PD.t()).view(x_TD.shape[0], parts, E).unbind(1))
+    return logits_TE, stacked_PD
+
+
+@router_logits_op.register_fake
+def _(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    E, D = weight_ED.shape
+    logits = x_TD.new_empty((x_TD.shape[0], E), dtype=torch.float32)
+    return logits, x_TD.new_empty((_weight_parts(weight_ED) * E, D), dtype=_BF16)
+
+
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     """fp32 logits x W^T of a 2-D bf16 `x_TD` and an fp32 or bf16 `weight_ED` (module docstring)."""
-    parts, E = _weight_parts(weight_ED), weight_ED.shape[0]
-    stacked = torch.cat(split_bf16(weight_ED, parts))  # [parts·E, D]
-    return _sum_parts(_mm_fp32(x_TD, stacked.t()).view(x_TD.shape[0], parts, E).unbind(1))
-
-
-@router_logits.register_fake
-def _(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
-    return x_TD.new_empty((x_TD.shape[0], weight_ED.shape[0]), dtype=torch.float32)
+    return router_logits_op(x_TD, weight_ED)[0]
 
 
 @torch.library.custom_op("upcycle::router_logits_backward", mutates_args=())
 def router_logits_backward(
-    grad_TE: torch.Tensor, x_TD: torch.Tensor, weight_ED: torch.Tensor, needs_x: bool, needs_weight: bool
+    grad_TE: torch.Tensor,
+    x_TD: torch.Tensor,
+    stacked_PD: torch.Tensor,
+    weight_ED: torch.Tensor,
+    needs_x: bool,
+    needs_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dx in bf16, dL/dW in W's dtype); a gradient not needed comes back empty."""
+    """(dL/dx in bf16, dL/dW in W's dtype) from the forward's stacked weight parts; a gradient
+    not needed comes back empty."""
     g = split_bf16(grad_TE, 3) if needs_x or needs_weight else []
     dx_TD = x_TD.new_empty(0)
     dw_ED = weight_ED.new_empty(0)
+    E = weight_ED.shape[0]
     if needs_x:
         # Σ g_i W_j over i + j ≤ 2: every term down to 2^-24 of |g||W| (the dropped ones are
         # smaller), so dL/dx is fp32-accurate before its one rounding to bf16, also where the
         # rows of W share a component that cancels in g W (softmax gradients sum to zero)
-        w = split_bf16(weight_ED, _weight_parts(weight_ED))
+        w = stacked_PD.view(-1, E, stacked_PD.shape[1]).unbind(0)
         pairs = [(i, j) for i in range(3) for j in range(len(w)) if i + j <= 2]
         lhs = torch.cat([g[i] for i, _ in pairs], dim=1)
         rhs = torch.cat([w[j] for _, j in pairs])
         dx_TD = _mm_bf16(lhs, rhs)
     if needs_weight:
-        E = weight_ED.shape[0]
         g_parts = torch.cat(g, dim=1)  # [T, 3E]
         dw_ED = _sum_parts(_mm_fp32(g_parts.t(), x_TD).view(3, E, x_TD.shape[1]).unbind(0)).to(
             weight_ED.dtype
@@ -150,7 +171,7 @@ def router_logits_backward(
 
 
 @router_logits_backward.register_fake
-def _(grad_TE, x_TD, weight_ED, needs_x, needs_weight):
+def _(grad_TE, x_TD, stacked_PD, weight_ED, needs_x, needs_weight):
     dx = x_TD.new_empty(x_TD.shape if needs_x else (0,))
     dw = weight_ED.new_empty(weight_ED.shape if needs_weight else (0,))
     return dx, dw
@@ -158,11 +179,12 @@ def _(grad_TE, x_TD, weight_ED, needs_x, needs_weight):
 
 def _setup_context(ctx, inputs, output) -> None:
     x_TD, weight_ED = inputs
-    ctx.save_for_backward(x_TD, weight_ED)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x_TD, weight_ED, output[1])
 
 
-def _backward(ctx, grad_TE):
-    x_TD, weight_ED = ctx.saved_tensors
+def _backward(ctx, grad_TE, _grad_stacked):
+    x_TD, weight_ED, stacked_PD = ctx.saved_tensors
     needs_x, needs_weight = ctx.needs_input_grad
     if torch.is_grad_enabled():
         # a backward that is itself differentiated (create_graph=True): the upcast fp32
@@ -171,8 +193,8 @@ def _backward(ctx, grad_TE):
         dx = (grad_TE @ weight_ED.float()).to(x_TD.dtype) if needs_x else None
         dw = (grad_TE.t() @ x_TD.float()).to(weight_ED.dtype) if needs_weight else None
         return dx, dw
-    dx, dw = router_logits_backward(grad_TE, x_TD, weight_ED, needs_x, needs_weight)
+    dx, dw = router_logits_backward(grad_TE, x_TD, stacked_PD, weight_ED, needs_x, needs_weight)
     return (dx if needs_x else None), (dw if needs_weight else None)
 
 
-router_logits.register_autograd(_backward, setup_context=_setup_context)
+router_logits_op.register_autograd(_backward, setup_context=_setup_context)
