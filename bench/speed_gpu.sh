@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# The speed issue's GPU session in one command (device tool): GPU tests, profiles, layer,
-# attention and whole-step benchmarks; every output lands in $OUT (default runs/speed).
-# Usage: bash bench/speed_gpu.sh [parts...]   parts: tests gemm gather profile layer attention step tuned
-# quick (default: all but tuned and quick). `quick` is the issue's headline figures in one short
-# device call (about 6 minutes, six files): the Mixtral step (bf16-weights and fp32-master compiled,
-# transformers bf16 eager), both attention variants, the S2 layer with its CUDA-graph rows, the GPU
-# tests of the router GEMMs and input copies, and the compiled bf16-weights step's profile. Each part runs under its own time limit so one slow part cannot
-# stop the rest. The device tool's copy of .git can be stale: pass the commit being measured as
-# UPCYCLE_COMMIT=<hash> so that every table names it (bench/benchlib.py). LAYER_ARGS / GATHER_ARGS
-# add arguments to the layer and gather benches (e.g. GATHER_ARGS="--shapes S2"); STEP_CASES picks
-# the step part's cases, ';'-separated (default: ours and transformers, each eager and compiled).
+# The speed issue's GPU session in one command (device tool): GPU tests, profiles, layer, attention
+# and whole-step benchmarks; every output lands in $OUT (default runs/speed).
+#
+# Usage: bash bench/speed_gpu.sh [parts...]
+#   parts: tests gemm gather profile layer attention step tuned quick bf16w
+#   (default: all but tuned, quick and bf16w)
+#
+# `quick` is the issue's headline figures in one short device call (about 6 minutes, six files):
+# the Mixtral step (bf16-weights and fp32-master compiled, transformers bf16 eager), both attention
+# variants, the S2 layer with its CUDA-graph rows, the GPU tests of the router GEMMs and input
+# copies, and the compiled bf16-weights step's profile. `bf16w` diagnoses the compiled
+# bf16-weights step that run G measured host-bound (bench/RESULTS.md, fifth round): graph breaks
+# and recompiles, the step with the router operator switched off, the corrected idle table,
+# against transformers' eager step in the same call.
+#
+# Each part runs under its own time limit so one slow part cannot stop the rest. The device tool's
+# copy of .git can be stale: pass the commit being measured as UPCYCLE_COMMIT=<hash> so that every
+# table names it (bench/benchlib.py). LAYER_ARGS / GATHER_ARGS add arguments to the layer and
+# gather benches (e.g. GATHER_ARGS="--shapes S2"); STEP_CASES picks the step part's cases,
+# ';'-separated (default: ours and transformers, each eager and compiled).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/speed}"
@@ -66,6 +75,20 @@ if has quick; then
   timeout 60 bash bench/gpu_tests.sh -k "router or page_locked" > "$OUT/gpu_tests.txt" 2>&1; tail -2 "$OUT/gpu_tests.txt"
   timeout 90 python3 bench/gpu_profile.py step mixtral-bf16w --compile --top 25 > "$OUT/profile.md" 2>&1
   grep -B2 -A14 "idle" "$OUT/profile.md" | head -40
+fi
+if has bf16w; then
+  TORCH_LOGS="graph_breaks,recompiles" timeout 120 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 \
+    --cases mixtral-bf16w --compile > "$OUT/bf16w_logs.txt" 2>&1
+  echo "graph breaks / recompiles: $(grep -c 'Graph break\|Recompiling' "$OUT/bf16w_logs.txt")"
+  grep -m6 "Graph break in user code\|Recompiling\|limit" "$OUT/bf16w_logs.txt" | cut -c1-300
+  tail -1 "$OUT/bf16w_logs.txt" | tee "$OUT/bf16w_step.txt"
+  timeout 120 python3 -c "import runpy, sys; import upcycle.kernels.router_gemm as r
+r.applies = lambda x, w: False
+sys.argv = ['train_step.py', '--batch', '8', '--seq-len', '2048', '--steps', '10', '--cases', 'mixtral-bf16w', '--compile']
+runpy.run_path('bench/train_step.py', run_name='__main__')" 2>&1 | tail -1 | sed 's/mixtral-bf16w/mixtral-bf16w, fp32 router GEMM/' | tee -a "$OUT/bf16w_step.txt"
+  timeout 60 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 --cases hf-mixtral-bf16 2>&1 | tail -1 | tee -a "$OUT/bf16w_step.txt"
+  timeout 100 python3 bench/gpu_profile.py step mixtral-bf16w --compile --top 25 > "$OUT/bf16w_profile.md" 2>&1
+  grep -A14 "GPU idle" "$OUT/bf16w_profile.md"
 fi
 if has tuned; then
   timeout 150 python3 bench/grouped_gemm.py --shapes S2 --json "$OUT/gemm_tuned.json" > "$OUT/gemm_tuned.txt" 2>&1
