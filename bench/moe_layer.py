@@ -498,12 +498,8 @@ def run_shape(
         # The same layer with the weight gradients left to torch._grouped_mm (the default below
         # the expert limit is one cuBLAS GEMM per expert): the evidence for that choice.
         def all_grouped(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:
-            limit = grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS
-            grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = 0
-            try:
+            with device_side_counts():
                 return moe(x)[0]
-            finally:
-                grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = limit
 
         impls.append(Impl("ours grouped, grouped wgrad", all_grouped, moe_params, weights.w_in, "ours"))
 

@@ -56,19 +56,24 @@ if has attention; then
   timeout 150 python3 bench/attention_experts.py --no-cudnn --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
   tail -22 "$OUT/attention.txt"
 fi
-if has step; then
-  IFS=';' read -r -a cases <<< "${STEP_CASES:-mixtral --compile;mixtral;hf-mixtral-bf16;hf-mixtral-bf16 --compile}"
+# The Mixtral-shaped step, one case per process, a table row each in step.txt (and a JSON file
+# each with a third argument `json`): run_steps LIMIT_S "case args;case args;..." [json]
+run_steps() {
+  local limit="$1" cases c json
+  IFS=';' read -r -a cases <<< "$2"
   for c in "${cases[@]}"; do
-    timeout 150 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 --cases $c \
-      --json "$OUT/step_$(echo $c | tr -d ' -').json" 2>&1 | tail -1 >> "$OUT/step.txt"
+    json=()
+    [ "${3:-}" = json ] && json=(--json "$OUT/step_$(echo $c | tr -d ' -').json")
+    timeout "$limit" python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 --cases $c \
+      "${json[@]}" 2>&1 | tail -1 >> "$OUT/step.txt"
   done
   cat "$OUT/step.txt"
+}
+if has step; then
+  run_steps 150 "${STEP_CASES:-mixtral --compile;mixtral;hf-mixtral-bf16;hf-mixtral-bf16 --compile}" json
 fi
 if has quick; then
-  for c in "mixtral-bf16w --compile" "mixtral --compile" "hf-mixtral-bf16"; do
-    timeout 110 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 --cases $c 2>&1 | tail -1 >> "$OUT/step.txt"
-  done
-  cat "$OUT/step.txt"
+  run_steps 110 "mixtral-bf16w --compile;mixtral --compile;hf-mixtral-bf16"
   timeout 100 python3 bench/attention_experts.py --no-cudnn > "$OUT/attention.txt" 2>&1; tail -12 "$OUT/attention.txt"
   timeout 110 python3 bench/moe_layer.py --shapes S2 --no-compile > "$OUT/moe_layer.txt" 2>&1
   grep -A16 "^| shape | implementation" "$OUT/moe_layer.txt"
