@@ -11,7 +11,11 @@ runs warm-up steps, then profiles `--steps` steps and prints, per step:
   other element-wise kernels;
 - the top kernels by time, with calls per step;
 - on a GPU, the time the GPU sat idle between kernels, grouped by the host op that launched the
-  kernel ending each gap (what the GPU waited for), and the host calls that synchronised.
+  kernel ending each gap (what the GPU waited for), and the host calls that synchronised;
+- with `--host`, the host's side: the same steps again under cProfile (no torch profiler), the
+  wall time per step, and the Python functions by self time per step. A host-bound step shows its
+  launch work there; time spent waiting for the GPU shows as the self time of the call that
+  synchronised (`.item()`, `.tolist()`, `synchronize`).
 
 Cases:
 - `moe S1|S2|S3`: `bench/moe_layer.py`'s ours grouped layer (add `--compile` for the compiled
@@ -19,14 +23,16 @@ Cases:
 - `attention dense|expert-KV|shared-KV`: `bench/attention_experts.py`'s blocks (wide MoA).
 - `step mixtral|dense|btx4|hf-mixtral-bf16`: `bench/train_step.py`'s whole training step.
 
-Usage (GPU):  python bench/gpu_profile.py moe S2 [--compile] [--steps 3] [--top 25] [--json PATH]
+Usage (GPU):  python bench/gpu_profile.py moe S2 [--compile] [--steps 3] [--top 25] [--host] [--json PATH]
 CPU smoke:    python bench/gpu_profile.py --cpu-smoke   (tiny shapes on the CPU, for the tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import re
 import sys
 import time
@@ -82,6 +88,9 @@ class Profile:
     idle_ms_per_step: float | None = None
     idle_by_launcher: list[dict[str, object]] = field(default_factory=list)
     syncs: list[dict[str, object]] = field(default_factory=list)
+    # `--host`: wall ms per step under cProfile alone, and Python functions by self time per step
+    host_wall_ms_per_step: float | None = None
+    host_top: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,33 @@ def profile(step: Callable[[], object], device: torch.device, warmup: int, steps
     )
 
 
+def host_profile(step: Callable[[], object], device: torch.device, steps: int, top: int):
+    """(wall ms per step, the top Python functions by self time) of `steps` steps under cProfile.
+    Built-in calls (a C function, a CUDA synchronisation) count as functions of their own, so a
+    wait for the GPU is the self time of the call that waited."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    profiler.disable()
+    wall = (time.perf_counter() - start) / steps * 1000
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (prim calls, calls, self s, cum s, callers)
+    rows = []
+    for (filename, line, name), (_, ncalls, self_s, cum_s, _) in stats.items():
+        where = name if filename == "~" else f"{name} ({Path(filename).name}:{line})"
+        rows.append(
+            {"function": where, "self_ms": self_s * 1000 / steps, "cum_ms": cum_s * 1000 / steps,
+             "calls": ncalls / steps}
+        )  # fmt: skip
+    rows.sort(key=lambda row: -float(row["self_ms"]))
+    return wall, rows[:top]
+
+
 def report(result: Profile) -> list[str]:
     total = result.kernel_ms_per_step or 1.0
     lines = [
@@ -314,6 +350,19 @@ def report(result: Profile) -> list[str]:
         ]
         lines += ["", "| host synchronisation | calls / step | host ms / step |", "|---|---|---|"]
         lines += [f"| `{r['call']}` | {r['calls']:g} | {r['host_ms']:.3f} |" for r in result.syncs]
+    if result.host_wall_ms_per_step is not None:
+        lines += [
+            "",
+            f"Host under cProfile: {result.host_wall_ms_per_step:.2f} ms wall per step; Python functions "
+            "by self time (a wait for the GPU is the self time of the call that waited):",
+            "",
+            "| function | self ms / step | cumulative ms / step | calls / step |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{str(r['function'])[:100]}` | {r['self_ms']:.3f} | {r['cum_ms']:.3f} | {r['calls']:g} |"
+            for r in result.host_top
+        ]
     return lines
 
 
@@ -325,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--host", action="store_true", help="add the host's Python functions (cProfile)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny cases on the CPU (a test)")
     args = parser.parse_args(argv)
@@ -346,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             step = step_case(case, args.compile, device, smoke)
         label = f"{what} {case}{' compiled' if args.compile else ''} on {device.type}"
-        results.append(profile(step, device, args.warmup, args.steps, args.top, label))
+        result = profile(step, device, args.warmup, args.steps, args.top, label)
+        if args.host or smoke:
+            result.host_wall_ms_per_step, result.host_top = host_profile(step, device, args.steps, args.top)
+        results.append(result)
     for result in results:
         print("\n".join(report(result)))
         print()

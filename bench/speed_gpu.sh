@@ -11,8 +11,8 @@
 # variants, the S2 layer with its CUDA-graph rows, the GPU tests of the router GEMMs and input
 # copies, and the compiled bf16-weights step's profile. `bf16w` diagnoses the compiled
 # bf16-weights step that run G measured host-bound (bench/RESULTS.md, fifth round): graph breaks
-# and recompiles, the step with the router operator switched off, the corrected idle table,
-# against transformers' eager step in the same call.
+# and recompiles, the step with the router operator switched off, the corrected idle table and
+# the host's Python functions (gpu_profile.py --host) of the bf16-weights and fp32-master steps.
 #
 # Each part runs under its own time limit so one slow part cannot stop the rest. The device tool's
 # copy of .git can be stale: pass the commit being measured as UPCYCLE_COMMIT=<hash> so that every
@@ -82,18 +82,20 @@ if has quick; then
   grep -B2 -A14 "idle" "$OUT/profile.md" | head -40
 fi
 if has bf16w; then
-  TORCH_LOGS="graph_breaks,recompiles" timeout 120 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 \
+  TORCH_LOGS="graph_breaks,recompiles" timeout 110 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 \
     --cases mixtral-bf16w --compile > "$OUT/bf16w_logs.txt" 2>&1
   echo "graph breaks / recompiles: $(grep -c 'Graph break\|Recompiling' "$OUT/bf16w_logs.txt")"
   grep -m6 "Graph break in user code\|Recompiling\|limit" "$OUT/bf16w_logs.txt" | cut -c1-300
   tail -1 "$OUT/bf16w_logs.txt" | tee "$OUT/bf16w_step.txt"
-  timeout 120 python3 -c "import runpy, sys; import upcycle.kernels.router_gemm as r
+  timeout 110 python3 -c "import runpy, sys; import upcycle.kernels.router_gemm as r
 r.applies = lambda x, w: False
 sys.argv = ['train_step.py', '--batch', '8', '--seq-len', '2048', '--steps', '10', '--cases', 'mixtral-bf16w', '--compile']
 runpy.run_path('bench/train_step.py', run_name='__main__')" 2>&1 | tail -1 | sed 's/mixtral-bf16w/mixtral-bf16w, fp32 router GEMM/' | tee -a "$OUT/bf16w_step.txt"
-  timeout 60 python3 bench/train_step.py --batch 8 --seq-len 2048 --steps 10 --cases hf-mixtral-bf16 2>&1 | tail -1 | tee -a "$OUT/bf16w_step.txt"
-  timeout 100 python3 bench/gpu_profile.py step mixtral-bf16w --compile --top 25 > "$OUT/bf16w_profile.md" 2>&1
-  grep -A14 "GPU idle" "$OUT/bf16w_profile.md"
+  # the host's side of both compiled steps (cProfile), bf16 weights against fp32 masters
+  for c in mixtral-bf16w mixtral; do
+    timeout 110 python3 bench/gpu_profile.py step $c --compile --top 30 --host >> "$OUT/bf16w_profile.md" 2>&1
+  done
+  grep -A14 "GPU idle\|^Host under" "$OUT/bf16w_profile.md" | cut -c1-200
 fi
 if has tuned; then
   timeout 150 python3 bench/grouped_gemm.py --shapes S2 --json "$OUT/gemm_tuned.json" > "$OUT/gemm_tuned.txt" 2>&1

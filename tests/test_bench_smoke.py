@@ -75,6 +75,12 @@ def test_profile_smoke_breaks_each_case_into_kernel_classes(
         assert profile["kernel_ms_per_step"] > 0 and profile["top"]
         assert sum(profile["by_class"].values()) == pytest.approx(profile["kernel_ms_per_step"])
         assert f"## {profile['case']}" in out
+        # the host table (cProfile): the step's own Python functions, ranked by self time
+        assert profile["host_wall_ms_per_step"] > 0 and len(profile["host_top"]) == 25
+        selfs = [row["self_ms"] for row in profile["host_top"]]
+        assert selfs == sorted(selfs, reverse=True) and all(row["calls"] > 0 for row in profile["host_top"])
+        assert sum(selfs) <= profile["host_wall_ms_per_step"] * 1.05  # self times are disjoint
+    assert out.count("Host under cProfile:") == 4
 
 
 def test_profile_classifies_inductor_glue_apart_from_gemms() -> None:
