@@ -503,6 +503,19 @@ def run_shape(
 
         impls.append(Impl("ours grouped, grouped wgrad", all_grouped, moe_params, weights.w_in, "ours"))
 
+    # The dispatched rows gathered again in backward instead of kept from forward
+    # (grouped_moe.KEEP_DISPATCHED_ROWS off): the time and memory of that trade, side by side.
+    def rows_gathered_again(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:
+        grouped_moe_kernel.KEEP_DISPATCHED_ROWS = False  # read in forward, which decides for backward
+        try:
+            return moe(x)[0]
+        finally:
+            grouped_moe_kernel.KEEP_DISPATCHED_ROWS = True
+
+    impls.append(
+        Impl("ours grouped, rows gathered again", rows_gathered_again, moe_params, weights.w_in, "ours")
+    )
+
     # The row gathers fused into Triton grouped GEMMs (opt-in, upcycle/kernels/gather_gemm.py):
     # the evidence for turning grouped_moe.GATHER_GEMM on or leaving it off.
     def fused_gathers(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:

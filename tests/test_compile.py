@@ -137,10 +137,11 @@ def test_compiled_swiglu_expert_path_is_one_custom_operator_and_the_eager_path_b
     assert torch.count_nonzero(eager[3][3]) == 0  # the expert without tokens: zero weight gradient
 
 
+@pytest.mark.parametrize("keep_rows", [True, False], ids=["rows-kept", "rows-gathered-again"])
 @pytest.mark.parametrize(
     "frozen", [(), ("w_in", "w_down"), ("x", "weights")], ids=["all", "frozen-experts", "no-input-grads"]
 )
-def test_swiglu_expert_operators_pass_opcheck(frozen):
+def test_swiglu_expert_operators_pass_opcheck(frozen, keep_rows):
     x_TD, weights_TK, indices_TK, w_in_EPD, w_down_EDF = _expert_inputs(T=10, E=4)
     named = {"x": x_TD, "weights": weights_TK, "w_in": w_in_EPD, "w_down": w_down_EDF}
     for name in frozen:
@@ -151,16 +152,25 @@ def test_swiglu_expert_operators_pass_opcheck(frozen):
     inverse_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(order_A.numel()))
     offsets_E = torch.bincount(expert_A, minlength=4).cumsum(0).to(torch.int32)
     args = (x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E)
-    torch.library.opcheck(moe_ops.swiglu_experts, (*args, True))
+    torch.library.opcheck(moe_ops.swiglu_experts, (*args, True, keep_rows))
     for op in (torch.ops.upcycle.swiglu_experts, torch.ops.upcycle.swiglu_experts_backward):
         assert torch.Tag.cudagraph_unsafe in op.default.tags  # a replay would reuse captured counts
-    out_TD, h_AP = moe_ops.swiglu_experts(*args, True)
+    out_TD, h_AP, rows_AD = moe_ops.swiglu_experts(*args, True, keep_rows)
+    assert rows_AD.shape == ((order_A.numel() if keep_rows else 0), x_TD.shape[1])
+    if keep_rows:  # the dispatched rows: token t·K + k's row of x, in expert order
+        assert torch.equal(rows_AD, x_TD.detach()[order_A // K])
     grad_TD = torch.randn_like(out_TD)
     needs = [t.requires_grad for t in args[:4]]
-    backward_args = (grad_TD, *[t.detach() for t in args[:4]], order_A, inverse_A, h_AP, offsets_E, *needs)
+    backward_args = (
+        grad_TD, *[t.detach() for t in args[:4]], order_A, inverse_A, h_AP, rows_AD, offsets_E, *needs,
+    )  # fmt: skip
     torch.library.opcheck(moe_ops.swiglu_experts_backward, backward_args)
     grads = moe_ops.swiglu_experts_backward(*backward_args)
     assert [g.numel() > 0 for g in grads] == needs
+    # kept rows or rows gathered again: the same gradients, bit for bit
+    again = moe_ops.swiglu_experts_backward(*backward_args[:8], rows_AD[:0], *backward_args[9:])
+    for grad, other in zip(grads, again, strict=True):
+        assert torch.equal(grad, other)
     assert K == 2
 
 

@@ -182,11 +182,20 @@ def test_second_order_gradients_are_refused_not_silently_wrong() -> None:
         dx.sum().backward()
 
 
-def test_grouped_path_saves_one_pre_activation_per_layer() -> None:
-    """Activation memory: what autograd keeps is x_TD, h_A2F and routing vectors, not [A, D] rows."""
+@pytest.mark.parametrize("keep", [True, False], ids=["rows-kept", "rows-gathered-again"])
+@pytest.mark.parametrize("frozen_experts", [False, True], ids=["training", "frozen-experts"])
+def test_grouped_path_saves_what_its_memory_budget_says(keep, frozen_experts, monkeypatch) -> None:
+    """Activation memory: autograd keeps x_TD, h_A2F and routing vectors, plus the [A, D]
+    dispatched rows only with KEEP_DISPATCHED_ROWS and expert weights that get gradients; and
+    the backward pass gathers the token rows once (the output gradient's) when they are kept,
+    twice otherwise."""
+    import upcycle.kernels.grouped_moe as grouped
+
+    monkeypatch.setattr(grouped, "KEEP_DISPATCHED_ROWS", keep)
     T, E, K, D, F_ = 64, 8, 4, 32, 16
     x, weights, indices, w_in, w_down = routed(T, E, K, D, F_, torch.float32, seed=5)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weights, w_in, w_down)]
+    leaves = [t.detach().clone().requires_grad_(not frozen_experts or i < 2) for i, t in
+              enumerate((x, weights, w_in, w_down))]  # fmt: skip
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -203,16 +212,32 @@ def test_grouped_path_saves_one_pre_activation_per_layer() -> None:
         for t in saved
         if t.is_floating_point() and t.numel() >= T * D and t.data_ptr() not in parameters
     }
+    kept = keep and not frozen_experts
     sizes = sorted(t.numel() for t in activations.values())
-    assert sizes == sorted([T * D, A * 2 * F_]), sizes  # x_TD and h_A2F, nothing of [A, D]
+    assert sizes == sorted([T * D, A * 2 * F_] + [A * D] * kept), sizes
+    gathers = []
+    index_select = torch.Tensor.index_select
+
+    def counting(self, dim, index):
+        if tuple(self.shape) == (T, D) and index.numel() == A:  # token rows into expert order
+            gathers.append(self.shape)
+        return index_select(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", counting)
     out.sum().backward()
-    assert all(leaf.grad is not None for leaf in leaves)
+    assert len(gathers) == (1 if kept or frozen_experts else 2)  # g_AD, and x_AD unless kept
+    assert all(leaf.grad is not None for leaf in leaves if leaf.requires_grad)
+    monkeypatch.undo()
+    expected = gradients(eager_experts, x, weights, indices, w_in, w_down, F.silu, True, torch.ones(T, D))[1]
+    for leaf, grad in zip(leaves, expected, strict=True):
+        if leaf.requires_grad:
+            assert close(leaf.grad, grad) < 1e-5
 
 
 def test_in_place_backward_frees_h_before_the_dx_combine(monkeypatch) -> None:
     """With the in-place SwiGLU backward (CUDA), dh is written over h and must be freed right
-    after the dx GEMM, before the dx gather-sum: nothing outside experts_backward may still hold
-    h. Emulated on the CPU: the torch SwiGLU backward, its results copied over h and d."""
+    after the dx GEMM, before the dx gather-sum, and the kept dispatched rows too: nothing outside
+    experts_backward may still hold h or the rows. Emulated on the CPU: the torch SwiGLU backward, its results copied over h and d."""
     import weakref
 
     import upcycle.kernels.grouped_moe as grouped
@@ -229,15 +254,17 @@ def test_in_place_backward_frees_h_before_the_dx_combine(monkeypatch) -> None:
     forward = grouped.experts_forward
 
     def recording_forward(*args):
-        out, h = forward(*args)
+        out, h, rows = forward(*args)
         h_refs.append(weakref.ref(h))
-        return out, h
+        assert rows is not None  # KEEP_DISPATCHED_ROWS: the rows are kept, and held on ctx
+        h_refs.append(weakref.ref(rows))
+        return out, h, rows
 
     combine = grouped.gather_sum
 
     def recording_combine(src, index, weights, K):
         if weights is None:  # the backward's dx un-permute
-            alive_at_dx_combine.append(h_refs[0]() is not None)
+            alive_at_dx_combine.append(any(ref() is not None for ref in h_refs))
         return combine(src, index, weights, K)
 
     monkeypatch.setattr(grouped, "experts_forward", recording_forward)

@@ -15,18 +15,20 @@ eager loop in `upcycle.model.moe.eager_experts`. Steps, for T tokens each routed
 3. Un-permute the rows and take the weighted sum over each token's K experts.
 
 The backward pass is written out (`_GroupedExperts`) rather than left to autograd, for memory
-and for fewer passes over [A, ·] tensors. It keeps only x_TD and h_AP: the gradient reaching
-expert output row (t, k) is dL/dout_t itself (gathered once, g_AD), so
+and for fewer passes over [A, ·] tensors. It keeps x_TD, h_AP and (`KEEP_DISPATCHED_ROWS`) the
+dispatched rows x_AD: the gradient reaching expert output row (t, k) is dL/dout_t itself
+(gathered once, g_AD), so
 
     d_AF = g_AD W_down[e]                        (grouped GEMM)
     dL/dw_tk = <d_tk, a_tk>,  dL/dh = act'(h) · (w_tk d_tk)   (one fused pass, `swiglu_backward`)
     dW_down[e] = Σ g_a^T (w_a a_a),  dW_in[e] = Σ (dL/dh_a)^T x_a,  dx_AD = dL/dh W_in[e]
 
-with x_AD gathered again from x_TD and a_AF recomputed from h_AP. Compared with autograd over
-the forward graph this saves the [A, D] dispatched rows, the [A, F] activation and the [A, D]
-expert outputs: with 64 experts top-8 every token has K = 8 rows, so these are the layer's
-largest tensors (bench/RESULTS.md has the measured activation memory). Every backward step is a permutation, a GEMM or a
-sum over K, never an atomic scatter-add with repeated indices: deterministic on the GPU too.
+with a_AF recomputed from h_AP (and x_AD gathered again from x_TD when not kept). Compared with
+autograd over the forward graph this saves the [A, F] activation and the [A, D] expert outputs
+(and, not kept, the [A, D] dispatched rows): with 64 experts top-8 every token has K = 8 rows,
+so these are the layer's largest tensors (bench/RESULTS.md has the measured activation memory).
+Every backward step is a permutation, a GEMM or a sum over K, never an atomic scatter-add with
+repeated indices: deterministic on the GPU too.
 
 What runs where (`grouped_mm_available`):
 - CUDA, compute capability 9.x/10.x (H100, H200, B200), bf16, torch ≥ 2.8: `torch._grouped_mm`,
@@ -185,6 +187,16 @@ WGRAD_LOOP_MAX_EXPERTS = 16
 GATHER_GEMM = False
 
 
+# The dispatched rows x_AD (the layer input gathered in expert order, A = T·K rows) are kept from
+# the forward pass for the first GEMM's weight gradient instead of gathered again in backward:
+# one [A, D] gather less per layer and step (0.35 ms of the 10.5 ms step of perf.md's S2 shape,
+# 64 experts top-8, on an H100: bench/RESULTS.md, sixth round) for K times the layer input of
+# activation memory (S2: from 0.70 to about 1.05 of a dense layer of equal active parameters).
+# Kept only when the expert weights get gradients; activation checkpointing drops them like any
+# saved activation. False: gather them again (the lower-memory choice).
+KEEP_DISPATCHED_ROWS = True
+
+
 def use_gather_gemm(x_TD: torch.Tensor, offsets_E: torch.Tensor | None) -> bool:
     """Whether the expert path reads token rows inside its GEMMs (`GATHER_GEMM`): on CUDA, or
     on the CPU under Triton's interpreter (the tests), with device offsets (native grouped path)."""
@@ -209,23 +221,25 @@ def experts_forward(
     activation: Callable[[torch.Tensor], torch.Tensor],
     gated: bool,
     gather_gemm: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out_TD, h_AP): the expert path's forward pass, shared by `_GroupedExperts` and the
-    compiled graphs' custom op (`upcycle.kernels.moe_ops`). `gather_gemm`: the first GEMM reads
-    the token rows by index (`use_gather_gemm`)."""
+    keep_rows: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(out_TD, h_AP, x_AD or None): the expert path's forward pass, shared by `_GroupedExperts`
+    and the compiled graphs' custom op (`upcycle.kernels.moe_ops`). `gather_gemm`: the first GEMM
+    reads the token rows by index (`use_gather_gemm`); `keep_rows`: return the dispatched rows
+    x_AD for the backward pass (`KEEP_DISPATCHED_ROWS`; not with `gather_gemm`, which has none)."""
     K = weights_TK.shape[1]
     token_A = token_rows(order_A, K)
+    x_AD = None
     if gather_gemm:
-        assert offsets_E is not None
+        assert offsets_E is not None and not keep_rows
         h_AP = gather_grouped_mm(x_TD, token_A, w_in_EPD, offsets_E, "nk")
     else:
         x_AD = x_TD.index_select(0, token_A)
         h_AP = grouped_linear(x_AD, w_in_EPD, offsets_E, split_sizes)
-        del x_AD
     a_AF = _activate(h_AP, activation, gated)
     y_AD = grouped_linear(a_AF, w_down_EDF, offsets_E, split_sizes)
     del a_AF
-    return gather_sum(y_AD, inverse_A, weights_TK, K), h_AP
+    return gather_sum(y_AD, inverse_A, weights_TK, K), h_AP, x_AD if keep_rows else None
 
 
 def experts_backward(
@@ -245,6 +259,7 @@ def experts_backward(
     needs_grad: tuple[bool, bool, bool, bool],
     in_place: bool = False,
     gather_gemm: bool = False,
+    rows_AD: torch.Tensor | list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx_TD, dweights_TK, dw_in_EPD, dw_down_EDF), each None where `needs_grad` says so.
 
@@ -253,10 +268,13 @@ def experts_backward(
     writes over h_AP (the caller gives it up). `h_AP` may come in a one-element list, which is
     emptied, so that no reference outside this function keeps it alive. `gather_gemm`: the
     GEMMs read token rows by index instead of from gathered copies (`use_gather_gemm`; the
-    per-expert weight-gradient GEMMs are then not used).
+    per-expert weight-gradient GEMMs are then not used). `rows_AD`: the dispatched rows kept by
+    the forward pass (None: gathered again from x_TD), also possibly in a one-element list.
     """
     if isinstance(h_AP, list):
         h_AP = h_AP.pop()
+    if isinstance(rows_AD, list):
+        rows_AD = rows_AD.pop() if rows_AD else None
     needs_x, needs_weights, needs_w_in, needs_w_down = needs_grad
     T, K = weights_TK.shape
     E = w_in_EPD.shape[0]
@@ -284,7 +302,8 @@ def experts_backward(
     if needs_w_in and gather_gemm:
         grad_w_in = gather_grouped_wgrad(dh_AP, None, x_TD, token_A, offsets_E)
     elif needs_w_in:
-        x_AD = x_TD.index_select(0, token_A)
+        x_AD = x_TD.index_select(0, token_A) if rows_AD is None else rows_AD
+        del rows_AD
         grad_w_in = grouped_weight_grad(dh_AP, x_AD, offsets_E, wgrad_sizes, E)
         del x_AD
     if needs_x:
@@ -316,17 +335,18 @@ class _GroupedExperts(torch.autograd.Function):
     """The whole routed-expert computation with a backward pass written out (see `grouped_moe`).
 
     Saved for backward: the layer input x_TD (kept alive by the caller anyway), the first GEMM's
-    output h_AP, the routing permutation and the weights. Not saved: the dispatched rows x_AD
-    (gathered again from x_TD), the activation a_AF (recomputed from h_AP, fused with its
-    gradient for SwiGLU) and the expert outputs y_AD: the combine weights' gradient is
+    output h_AP, the dispatched rows x_AD (`KEEP_DISPATCHED_ROWS`, when the expert weights get
+    gradients; otherwise gathered again from x_TD), the routing permutation and the weights. Not
+    saved: the activation a_AF (recomputed from h_AP, fused with its gradient for SwiGLU) and the
+    expert outputs y_AD: the combine weights' gradient is
     <dL/dout_t, y_tk> = <W_down^T dL/dout_t, a_tk>, which the backward pass has at hand.
     Every backward step is a permutation, a GEMM or a sum over K (no atomic scatter-add with
     repeated indices): deterministic on the GPU too.
 
     With the Triton SwiGLU kernels (CUDA, eager, no saved-tensor hooks such as activation
-    checkpointing), h_AP is held on `ctx` instead of saved, and the backward pass writes dL/dh
-    over it: the layer's backward then never holds more than h_AP,
-    one [A, D] tensor and one [A, F] tensor at once. The price is that this backward can run
+    checkpointing), h_AP and x_AD are held on `ctx` instead of saved, the backward pass writes
+    dL/dh over h_AP and lets x_AD go right after its one use: the layer's backward then never
+    holds more than h_AP, two [A, D] tensors and one [A, F] tensor at once. The price is that this backward can run
     once only (no `retain_graph=True`), which a second call reports.
     """
 
@@ -346,16 +366,20 @@ class _GroupedExperts(torch.autograd.Function):
         host_counts: HostCopy | None = None,
     ) -> torch.Tensor:
         ctx.gather_gemm = use_gather_gemm(x_TD, offsets_E)
-        out_TD, h_AP = experts_forward(
+        keep_rows = KEEP_DISPATCHED_ROWS and ctx.needs_input_grad[2] and not ctx.gather_gemm
+        out_TD, h_AP, rows_AD = experts_forward(
             x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, split_sizes, activation, gated,
-            ctx.gather_gemm,
+            ctx.gather_gemm, keep_rows,
         )  # fmt: skip
         ctx.in_place = (
             gated and _is_silu(activation) and swiglu.use_triton(h_AP) and not saved_tensor_hooks_active()
         )
         ctx.h_AP = h_AP if ctx.in_place else None
-        saved_h = None if ctx.in_place else h_AP
-        ctx.save_for_backward(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, saved_h, offsets_E)
+        ctx.rows_AD = rows_AD if ctx.in_place else None
+        saved_h, saved_rows = (None, None) if ctx.in_place else (h_AP, rows_AD)
+        ctx.save_for_backward(
+            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, saved_h, offsets_E, saved_rows
+        )
         ctx.split_sizes, ctx.activation, ctx.gated = split_sizes, activation, gated
         ctx.host_counts = host_counts
         return out_TD
@@ -363,18 +387,22 @@ class _GroupedExperts(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TD: torch.Tensor):
-        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, saved_h, offsets_E = ctx.saved_tensors
+        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, saved_h, offsets_E, saved_rows = (
+            ctx.saved_tensors
+        )
         wgrad_sizes = None
         if ctx.split_sizes is None and ctx.host_counts is not None:
             wgrad_sizes = ctx.host_counts.tolist()  # long since copied by now
-        # In place, h goes to experts_backward in a list it empties, with no reference left here
-        # (an argument would stay referenced by this frame), so that it is freed (as dh) as soon
-        # as experts_backward is done with it.
+        # In place, h and the kept rows go to experts_backward in lists it empties, with no
+        # reference left here (an argument would stay referenced by this frame), so that each is
+        # freed as soon as experts_backward is done with it.
+        rows = [ctx.rows_AD] if ctx.in_place and ctx.rows_AD is not None else saved_rows
+        ctx.rows_AD = None
         grads = experts_backward(
             grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A,
             [_GroupedExperts._take_h(ctx)] if ctx.in_place else saved_h, offsets_E,
             ctx.split_sizes, wgrad_sizes, ctx.activation, ctx.gated, tuple(ctx.needs_input_grad[:4]),
-            in_place=ctx.in_place, gather_gemm=ctx.gather_gemm,
+            in_place=ctx.in_place, gather_gemm=ctx.gather_gemm, rows_AD=rows,
         )  # fmt: skip
         return *grads, None, None, None, None, None, None, None
 
@@ -473,8 +501,9 @@ def grouped_moe(
         keep_counts = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x_TD, weights_TK, w_in_EPD, w_down_EDF)
         )
-        out_TD, _ = moe_ops.swiglu_experts(
-            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts
+        keep_rows = KEEP_DISPATCHED_ROWS and torch.is_grad_enabled() and w_in_EPD.requires_grad
+        out_TD, _, _ = moe_ops.swiglu_experts(
+            x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts, keep_rows
         )
         return out_TD
     host_counts = None

@@ -7,12 +7,14 @@ gradient, the combine), and the Triton kernels of `swiglu` / `combine` never run
 and 6.2 ms of the compiled Mixtral step was this glue). Registered as operators, the forward and
 backward passes are single nodes of the compiled graph that execute exactly the eager code:
 
-- `upcycle::swiglu_experts(x, weights, w_in, w_down, order, inverse, offsets, keep_counts) -> (out, h)`:
-  `grouped_moe.experts_forward` for gated SiLU experts on `torch._grouped_mm` (`offsets` are the
-  int32 cumulative row counts on the device); `h` = [x W_gate^T | x W_up^T] is the one tensor
-  kept for backward, returned so that autograd saves it.
-- `upcycle::swiglu_experts_backward(grad, x, weights, w_in, w_down, order, inverse, h, offsets,
-  needs_x, needs_weights, needs_w_in, needs_w_down) -> (dx, dweights, dw_in, dw_down)`:
+- `upcycle::swiglu_experts(x, weights, w_in, w_down, order, inverse, offsets, keep_counts,
+  keep_rows) -> (out, h, rows)`: `grouped_moe.experts_forward` for gated SiLU experts on
+  `torch._grouped_mm` (`offsets` are the int32 cumulative row counts on the device);
+  `h` = [x W_gate^T | x W_up^T] and, with `keep_rows` (`grouped_moe.KEEP_DISPATCHED_ROWS`), the
+  dispatched rows x_AD are kept for backward, returned so that autograd saves them (`rows` is
+  an empty [0, D] tensor without `keep_rows`).
+- `upcycle::swiglu_experts_backward(grad, x, weights, w_in, w_down, order, inverse, h, rows,
+  offsets, needs_x, needs_weights, needs_w_in, needs_w_down) -> (dx, dweights, dw_in, dw_down)`:
   `grouped_moe.experts_backward`; a gradient that is not needed comes back as an empty tensor.
 
 Both have fake (meta) implementations for tracing, `register_autograd` ties them together, and
@@ -68,26 +70,35 @@ def swiglu_experts(
     inverse_A: torch.Tensor,
     offsets_E: torch.Tensor,
     keep_counts: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_rows: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`keep_counts` (decided when the graph is traced: a backward pass will follow): start the
     row counts' copy to the host for the per-expert weight gradients. It is queued before the
     GEMMs, so that the backward pass finds it done, or waits only while the GPU still has this
-    forward's work queued (a forward recomputed by activation checkpointing)."""
+    forward's work queued (a forward recomputed by activation checkpointing). `keep_rows` (also
+    decided when traced): return the dispatched rows for the backward pass."""
     pending = None
     if keep_counts and grouped_moe.wants_host_counts(x_TD, w_in_EPD.shape[0]) and not _capturing(x_TD):
         pending = HostCopy(offsets_E)
-    out_TD, h_AP = grouped_moe.experts_forward(
+    out_TD, h_AP, rows_AD = grouped_moe.experts_forward(
         x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, None, _SILU, True,
-        grouped_moe.use_gather_gemm(x_TD, offsets_E),
+        not keep_rows and grouped_moe.use_gather_gemm(x_TD, offsets_E), keep_rows,
     )  # fmt: skip
     if pending is not None:
         _HOST_OFFSETS[h_AP] = pending
-    return out_TD, h_AP
+    return out_TD, h_AP, rows_AD if rows_AD is not None else _no_rows(x_TD)
+
+
+def _no_rows(x_TD: torch.Tensor) -> torch.Tensor:
+    return x_TD.new_empty(0, x_TD.shape[1])
 
 
 @swiglu_experts.register_fake
-def _swiglu_experts_fake(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts):
-    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(order_A.shape[0], w_in_EPD.shape[1])
+def _swiglu_experts_fake(
+    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts, keep_rows
+):  # fmt: skip
+    rows = x_TD.new_empty(order_A.shape[0], x_TD.shape[1]) if keep_rows else _no_rows(x_TD)
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(order_A.shape[0], w_in_EPD.shape[1]), rows
 
 
 @torch.library.custom_op("upcycle::swiglu_experts_backward", mutates_args=(), tags=_TAGS)
@@ -100,6 +111,7 @@ def swiglu_experts_backward(
     order_A: torch.Tensor,
     inverse_A: torch.Tensor,
     h_AP: torch.Tensor,
+    rows_AD: torch.Tensor,
     offsets_E: torch.Tensor,
     needs_x: bool,
     needs_weights: bool,
@@ -111,9 +123,12 @@ def swiglu_experts_backward(
     wgrad_sizes = None
     if pending is not None and not _capturing(h_AP):
         wgrad_sizes = grouped_moe.sizes_from_offsets(pending.tolist())
+    # rows kept by the forward (an empty [0, D] tensor when not kept; A = 0 reads the same either way)
+    kept = rows_AD if rows_AD.shape[0] == order_A.shape[0] else None
     grads = grouped_moe.experts_backward(
         grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
-        None, wgrad_sizes, _SILU, True, needs, gather_gemm=grouped_moe.use_gather_gemm(x_TD, offsets_E),
+        None, wgrad_sizes, _SILU, True, needs,
+        gather_gemm=kept is None and grouped_moe.use_gather_gemm(x_TD, offsets_E), rows_AD=kept,
     )  # fmt: skip
     return tuple(
         grad if grad is not None else _not_needed(like)
@@ -127,7 +142,7 @@ def _not_needed(like: torch.Tensor) -> torch.Tensor:
 
 @swiglu_experts_backward.register_fake
 def _swiglu_experts_backward_fake(
-    grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E,
+    grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, rows_AD, offsets_E,
     needs_x, needs_weights, needs_w_in, needs_w_down,
 ):  # fmt: skip
     pairs = ((needs_x, x_TD), (needs_weights, weights_TK), (needs_w_in, w_in_EPD), (needs_w_down, w_down_EDF))
@@ -135,20 +150,23 @@ def _swiglu_experts_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, _ = inputs
-    _, h_AP = output
-    ctx.mark_non_differentiable(h_AP)
-    ctx.save_for_backward(x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E)
+    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, _, _ = inputs
+    _, h_AP, rows_AD = output
+    ctx.mark_non_differentiable(h_AP, rows_AD)
+    ctx.save_for_backward(
+        x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, rows_AD, offsets_E
+    )
 
 
-def _backward(ctx, grad_TD, _grad_h):
-    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E = ctx.saved_tensors
+def _backward(ctx, grad_TD, _grad_h, _grad_rows):
+    x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, rows_AD, offsets_E = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:4])
     grads = swiglu_experts_backward(
-        grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, offsets_E, *needs
+        grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, h_AP, rows_AD, offsets_E, *needs
     )
     return (
         *(grad if needed else None for grad, needed in zip(grads, needs, strict=True)),
+        None,
         None,
         None,
         None,
