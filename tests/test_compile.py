@@ -109,7 +109,15 @@ def _run_experts(run, inputs, grad_TD):
     return [out_TD.detach()] + [t.grad for t in inputs if t.requires_grad]
 
 
-def test_compiled_swiglu_expert_path_is_one_custom_operator_and_the_eager_path_bit_for_bit():
+@pytest.mark.parametrize("keep_rows", [False, True], ids=["rows-gathered-again", "rows-kept"])
+def test_compiled_swiglu_expert_path_is_one_custom_operator_and_the_eager_path_bit_for_bit(
+    keep_rows, monkeypatch
+):
+    """Compiled (the operators, rows kept or gathered again: KEEP_DISPATCHED_ROWS_COMPILED) and
+    eager (_GroupedExperts, rows kept) give the same output and gradients, bit for bit."""
+    import upcycle.kernels.grouped_moe as grouped
+
+    monkeypatch.setattr(grouped, "KEEP_DISPATCHED_ROWS_COMPILED", keep_rows)
     torch._dynamo.reset()
     inputs = _expert_inputs()
     x_TD = inputs[0]

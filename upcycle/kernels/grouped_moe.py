@@ -189,12 +189,16 @@ GATHER_GEMM = False
 
 # The dispatched rows x_AD (the layer input gathered in expert order, A = T·K rows) are kept from
 # the forward pass for the first GEMM's weight gradient instead of gathered again in backward:
-# one [A, D] gather less per layer and step (0.35 ms of the 10.5 ms step of perf.md's S2 shape,
-# 64 experts top-8, on an H100: bench/RESULTS.md, sixth round) for K times the layer input of
-# activation memory (S2: from 0.70 to about 1.05 of a dense layer of equal active parameters).
+# one [A, D] gather less per layer and step (S2 of perf.md, 64 experts top-8, on an H100: 10.19
+# against 10.43 ms, bench/RESULTS.md sixth round) for K times the layer input of activation
+# memory (S2: 0.88 of a dense layer of equal active parameters, against 0.70).
 # Kept only when the expert weights get gradients; activation checkpointing drops them like any
 # saved activation. False: gather them again (the lower-memory choice).
 KEEP_DISPATCHED_ROWS = True
+# The same choice for compiled graphs (the custom operators of `upcycle.kernels.moe_ops`), off:
+# there the kept rows made the compiled Mixtral-shaped training step of perf.md slower, not faster
+# (H100, bench/RESULTS.md sixth round: 60.3 and 60.7 ms per step against 54.9 ms gathering again).
+KEEP_DISPATCHED_ROWS_COMPILED = False
 
 
 def use_gather_gemm(x_TD: torch.Tensor, offsets_E: torch.Tensor | None) -> bool:
@@ -501,7 +505,7 @@ def grouped_moe(
         keep_counts = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x_TD, weights_TK, w_in_EPD, w_down_EDF)
         )
-        keep_rows = KEEP_DISPATCHED_ROWS and torch.is_grad_enabled() and w_in_EPD.requires_grad
+        keep_rows = KEEP_DISPATCHED_ROWS_COMPILED and torch.is_grad_enabled() and w_in_EPD.requires_grad
         out_TD, _, _ = moe_ops.swiglu_experts(
             x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts, keep_rows
         )
