@@ -350,7 +350,8 @@ class _GroupedExperts(torch.autograd.Function):
     With the Triton SwiGLU kernels (CUDA, eager, no saved-tensor hooks such as activation
     checkpointing), h_AP and x_AD are held on `ctx` instead of saved, the backward pass writes
     dL/dh over h_AP and lets x_AD go right after its one use: the layer's backward then never
-    holds more than h_AP, two [A, D] tensors and one [A, F] tensor at once. The price is that this backward can run
+    holds more than h_AP, two [A, D] tensors and one [A, F] tensor at once. The price is that
+    this backward can run
     once only (no `retain_graph=True`), which a second call reports.
     """
 

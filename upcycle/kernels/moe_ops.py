@@ -10,9 +10,9 @@ backward passes are single nodes of the compiled graph that execute exactly the 
 - `upcycle::swiglu_experts(x, weights, w_in, w_down, order, inverse, offsets, keep_counts,
   keep_rows) -> (out, h, rows)`: `grouped_moe.experts_forward` for gated SiLU experts on
   `torch._grouped_mm` (`offsets` are the int32 cumulative row counts on the device);
-  `h` = [x W_gate^T | x W_up^T] and, with `keep_rows` (`grouped_moe.KEEP_DISPATCHED_ROWS_COMPILED`), the
-  dispatched rows x_AD are kept for backward, returned so that autograd saves them (`rows` is
-  an empty [0, D] tensor without `keep_rows`).
+  `h` = [x W_gate^T | x W_up^T] and, with `keep_rows`
+  (`grouped_moe.KEEP_DISPATCHED_ROWS_COMPILED`), the dispatched rows x_AD are kept for backward,
+  returned so that autograd saves them (`rows` is an empty [0, D] tensor without `keep_rows`).
 - `upcycle::swiglu_experts_backward(grad, x, weights, w_in, w_down, order, inverse, h, rows,
   offsets, needs_x, needs_weights, needs_w_in, needs_w_down) -> (dx, dweights, dw_in, dw_down)`:
   `grouped_moe.experts_backward`; a gradient that is not needed comes back as an empty tensor.
