@@ -506,11 +506,12 @@ def run_shape(
     # The dispatched rows gathered again in backward instead of kept from forward
     # (grouped_moe.KEEP_DISPATCHED_ROWS off): the time and memory of that trade, side by side.
     def rows_gathered_again(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:
+        keep = grouped_moe_kernel.KEEP_DISPATCHED_ROWS
         grouped_moe_kernel.KEEP_DISPATCHED_ROWS = False  # read in forward, which decides for backward
         try:
             return moe(x)[0]
         finally:
-            grouped_moe_kernel.KEEP_DISPATCHED_ROWS = True
+            grouped_moe_kernel.KEEP_DISPATCHED_ROWS = keep
 
     impls.append(
         Impl("ours grouped, rows gathered again", rows_gathered_again, moe_params, weights.w_in, "ours")

@@ -3,8 +3,9 @@
 - torch versions against fp64 autograd, in fp64 (1e-12) and fp32 (1e-6);
 - Triton kernels through Triton's CPU interpreter (a subprocess with TRITON_INTERPRET=1; skipped
   when Triton is not installed) and, on the GPU machine, compiled for the GPU in bf16;
-- the grouped path keeps about one [A, 2F] tensor for backward (no [A, D] copies of the input,
-  no activation, no expert outputs), measured with saved-tensor hooks;
+- the grouped path keeps one [A, 2F] tensor for backward and, with KEEP_DISPATCHED_ROWS, the
+  [A, D] dispatched rows (no activation, no expert outputs), measured with saved-tensor hooks;
+  under no_grad, or with the rows not kept, they are freed before the second GEMM;
 - its gradients against the eager loop for every gradient the layer has, including SwiGLU and a
   non-gated / non-SiLU activation (the autograd recompute branch).
 """
@@ -232,6 +233,50 @@ def test_grouped_path_saves_what_its_memory_budget_says(keep, frozen_experts, mo
     for leaf, grad in zip(leaves, expected, strict=True):
         if leaf.requires_grad:
             assert close(leaf.grad, grad) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("case", "kept"),
+    [
+        ("training", True),
+        ("no_grad", False),
+        ("inference_mode", False),
+        ("keep-off", False),
+        ("frozen-experts", False),
+    ],
+)
+def test_forward_frees_the_dispatched_rows_unless_backward_keeps_them(case, kept, monkeypatch) -> None:
+    """The gathered rows x_AD live past the first GEMM only when they are kept for backward:
+    not under no_grad / inference_mode, with KEEP_DISPATCHED_ROWS off, or with frozen experts."""
+    import contextlib
+    import weakref
+
+    import upcycle.kernels.grouped_moe as grouped
+
+    monkeypatch.setattr(grouped, "KEEP_DISPATCHED_ROWS", case != "keep-off")
+    T, E, K, D, F_ = 32, 4, 2, 16, 8
+    x, weights, indices, w_in, w_down = routed(T, E, K, D, F_, torch.float32, seed=31)
+    leaves = [t.clone().requires_grad_(case != "frozen-experts" or i < 2) for i, t in
+              enumerate((x, weights, w_in, w_down))]  # fmt: skip
+    first_inputs, alive_at_second = [], []
+    linear = grouped.grouped_linear
+
+    def recording_linear(x_AI, w_EOI, offsets_E, split_sizes):
+        if x_AI.shape == (T * K, D) and not first_inputs:  # the first GEMM's gathered rows
+            first_inputs.append(weakref.ref(x_AI))
+        elif x_AI.shape == (T * K, F_) and first_inputs and not alive_at_second:  # the second GEMM
+            alive_at_second.append(first_inputs[0]() is not None)
+        return linear(x_AI, w_EOI, offsets_E, split_sizes)
+
+    monkeypatch.setattr(grouped, "grouped_linear", recording_linear)
+    mode = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        case, contextlib.nullcontext
+    )
+    with mode():
+        out = grouped_moe(leaves[0], leaves[1], indices, leaves[2], leaves[3], F.silu, True)
+    assert alive_at_second == [kept]
+    if out.requires_grad:
+        out.sum().backward()
 
 
 def test_in_place_backward_frees_h_before_the_dx_combine(monkeypatch) -> None:

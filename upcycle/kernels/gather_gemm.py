@@ -1,9 +1,9 @@
 """Grouped GEMMs that read their token rows by index: the row gathers of the expert path fused
 into the GEMMs' operand loads (Triton; opt-in, `grouped_moe.GATHER_GEMM`).
 
-The grouped expert path (`upcycle.kernels.grouped_moe`) gathers token rows three times per
+The grouped expert path (`upcycle.kernels.grouped_moe`) gathers token rows up to three times per
 layer: x_AD = x[token_A] before the first GEMM, g_AD = dL/dout[token_A] and x_AD again in the
-backward pass. Each is an [A, D] write and read, A = K·T: at 64 experts top-8 they were 1.04 ms of
+backward pass (twice when the forward's x_AD is kept, `KEEP_DISPATCHED_ROWS`). Each is an [A, D] write and read, A = K·T: at 64 experts top-8 they were 1.04 ms of
 S2's 10.21 ms on an H100 (bench/RESULTS.md, "Where S2's time goes"), and `torch._grouped_mm`
 cannot take row indices. The two kernels here can:
 

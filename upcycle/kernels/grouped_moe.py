@@ -240,10 +240,12 @@ def experts_forward(
     else:
         x_AD = x_TD.index_select(0, token_A)
         h_AP = grouped_linear(x_AD, w_in_EPD, offsets_E, split_sizes)
+        if not keep_rows:
+            x_AD = None  # freed before the activation and the second GEMM
     a_AF = _activate(h_AP, activation, gated)
     y_AD = grouped_linear(a_AF, w_down_EDF, offsets_E, split_sizes)
     del a_AF
-    return gather_sum(y_AD, inverse_A, weights_TK, K), h_AP, x_AD if keep_rows else None
+    return gather_sum(y_AD, inverse_A, weights_TK, K), h_AP, x_AD
 
 
 def experts_backward(
@@ -369,9 +371,12 @@ class _GroupedExperts(torch.autograd.Function):
         activation: Callable[[torch.Tensor], torch.Tensor],
         gated: bool,
         host_counts: HostCopy | None = None,
+        keep_rows: bool = False,
     ) -> torch.Tensor:
+        # `keep_rows` comes from the caller: grad mode is off inside forward, and needs_input_grad
+        # does not see an enclosing no_grad.
         ctx.gather_gemm = use_gather_gemm(x_TD, offsets_E)
-        keep_rows = KEEP_DISPATCHED_ROWS and ctx.needs_input_grad[2] and not ctx.gather_gemm
+        keep_rows = keep_rows and not ctx.gather_gemm
         out_TD, h_AP, rows_AD = experts_forward(
             x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, split_sizes, activation, gated,
             ctx.gather_gemm, keep_rows,
@@ -409,7 +414,7 @@ class _GroupedExperts(torch.autograd.Function):
             ctx.split_sizes, wgrad_sizes, ctx.activation, ctx.gated, tuple(ctx.needs_input_grad[:4]),
             in_place=ctx.in_place, gather_gemm=ctx.gather_gemm, rows_AD=rows,
         )  # fmt: skip
-        return *grads, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None
 
     @staticmethod
     def _take_h(ctx) -> torch.Tensor:
@@ -484,7 +489,8 @@ def grouped_moe(
 
     `weights_TK` must already have the dtype of `x_TD`. Experts that receive no token are fine
     (empty groups); their weight gradients are zero. Forward and backward are written out in
-    `_GroupedExperts`, which keeps about one [A, P] tensor per layer for backward.
+    `_GroupedExperts`, which keeps one [A, P] tensor per layer for backward and, training the
+    experts with `KEEP_DISPATCHED_ROWS`, one [A, D] tensor.
     """
     T, K = indices_TK.shape
     E, _, D = w_in_EPD.shape
@@ -506,7 +512,12 @@ def grouped_moe(
         keep_counts = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x_TD, weights_TK, w_in_EPD, w_down_EDF)
         )
-        keep_rows = KEEP_DISPATCHED_ROWS_COMPILED and torch.is_grad_enabled() and w_in_EPD.requires_grad
+        keep_rows = (
+            KEEP_DISPATCHED_ROWS_COMPILED
+            and not GATHER_GEMM
+            and torch.is_grad_enabled()
+            and w_in_EPD.requires_grad
+        )
         out_TD, _, _ = moe_ops.swiglu_experts(
             x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts, keep_rows
         )
@@ -531,4 +542,5 @@ def grouped_moe(
         activation,
         gated,
         host_counts,
+        KEEP_DISPATCHED_ROWS and torch.is_grad_enabled() and w_in_EPD.requires_grad,
     )

@@ -29,8 +29,10 @@ result, never a wrong one. Both operators are tagged `cudagraph_unsafe` (a repla
 reuse the counts of its capture) and file or read no counts while a CUDA graph is captured.
 
 The opt-in gathered GEMMs (`grouped_moe.GATHER_GEMM`) are consulted by each operator when it runs
-(eager mode decides once, in forward); either choice gives the same gradients, since forward and
-backward share only h and the counts. Not carried over from the eager path: the SwiGLU gradient
+(eager mode decides once, in forward), unless the rows are kept (`keep_rows`, decided when the
+graph is traced, and only where `GATHER_GEMM` was off then): kept rows replace the gathers of
+forward and backward alike. Every choice gives the same gradients, since forward and backward
+share only h, the counts and the rows, which are the same rows either way. Not carried over from the eager path: the SwiGLU gradient
 written over h (an operator may not mutate a saved input behind the compiler's back).
 
 tests/test_compile.py checks the operators with `torch.library.opcheck` and a compiled layer
