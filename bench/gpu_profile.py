@@ -144,15 +144,23 @@ def host_waits(events, steps: int) -> tuple[list[Span], list[dict[str, object]]]
     """(kernel spans labelled by the host op that launched them, host synchronisations grouped
     by the op that made them) from a GPU profile's events."""
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    # A kernel's linked correlation id is that of the runtime call that launched it (cudaLaunchKernel,
-    # cuLaunchKernelEx, a memcpy, ...): the host op is that call's parent. Run G keyed the kernels
-    # by every host event's id instead, and ids of unrelated events (CUPTI's "Activity Buffer
-    # Request") matched: every gap went to that label.
-    runtime = {e.id: e for e in events if e.device_type == cpu and RUNTIME_CALL.match(e.name)}
+    # How torch links them (torch.autograd.profiler's _parse_kineto_results): a kernel and the
+    # runtime call that launched it (cudaLaunchKernel, cuLaunchKernelEx, a memcpy, ...) share
+    # CUPTI's correlation id (each event's `id`), and both carry the id of the framework op that
+    # made the call as `linked_correlation_id`. Framework op ids and CUPTI ids are separate
+    # counters, so they collide: run G keyed kernels by every host event's id and put each gap
+    # under CUPTI's "Activity Buffer Request"; fd928ea looked the linked id up among runtime calls'
+    # ids and found none ("(unknown launcher)" in run H). Here a kernel finds its launch call by
+    # its own id, else any runtime call with its linked id; the label is that call's parent op.
+    runtime = [e for e in events if e.device_type == cpu and RUNTIME_CALL.match(e.name)]
+    by_cupti_id = {e.id: e for e in runtime}
+    by_op_id = {e.linked_correlation_id: e for e in runtime if e.linked_correlation_id and e.cpu_parent}
     spans = []
     for e in events:
         if e.device_type == cuda and not getattr(e, "is_user_annotation", False):
-            call = runtime.get(getattr(e, "linked_correlation_id", 0))
+            call = by_cupti_id.get(e.id)
+            if call is None or call.cpu_parent is None:
+                call = by_op_id.get(getattr(e, "linked_correlation_id", 0)) or call
             if call is None:
                 label = "(unknown launcher)"
             else:

@@ -181,9 +181,10 @@ def test_profile_idle_gaps_go_to_the_launcher_of_the_kernel_after_the_gap() -> N
 
 
 def test_profile_labels_each_kernel_by_the_op_above_its_launch_call() -> None:
-    """A kernel's linked correlation id names the runtime call that launched it; the label is
-    that call's parent op. Host events whose ids merely equal it (CUPTI's buffer requests, in
-    run G) must not be taken for the launcher."""
+    """torch's linking: a kernel shares CUPTI's correlation id (`id`) with the runtime call that
+    launched it, and both carry the launching op's id as `linked_correlation_id`. Op ids and
+    CUPTI ids are separate counters: host events whose ids merely equal a kernel's linked id
+    (CUPTI's buffer requests, in run G) must not be taken for its launcher."""
     from types import SimpleNamespace
 
     import torch
@@ -197,11 +198,23 @@ def test_profile_labels_each_kernel_by_the_op_above_its_launch_call() -> None:
             cpu_parent=parent, linked_correlation_id=linked, is_user_annotation=False,
         )  # fmt: skip
 
-    mm = event("aten::mm", cpu, 7, 0, 10)
+    step = event("ProfilerStep", cpu, 3, 0, 100)
+    mm = event("aten::mm", cpu, 7, 0, 10, parent=step)
+    add = event("aten::add", cpu, 8, 30, 40, parent=step)
     launch = event("cudaLaunchKernel", cpu, 41, 2, 4, parent=mm, linked=7)
-    decoy = event("Activity Buffer Request", cpu, 42, 0, 1)
+    launch_add = event("cuLaunchKernelEx", cpu, 44, 31, 32, parent=add, linked=8)
+    decoys = [
+        event("Activity Buffer Request", cpu, 7, 0, 1),
+        event("Activity Buffer Request", cpu, 8, 50, 51),
+    ]
     sync = event("cudaStreamSynchronize", cpu, 43, 20, 25, parent=mm)
-    kernels = [event("gemm", cuda, 1, 5, 9, linked=41), event("copy", cuda, 2, 12, 13, linked=42)]
-    spans, syncs = gpu_profile.host_waits([mm, launch, decoy, sync, *kernels], steps=1)
-    assert [span.label for span in spans] == ["aten::mm", "(unknown launcher)"]
+    kernels = [
+        event("gemm", cuda, 41, 5, 9, linked=7),  # its launch call by CUPTI id
+        event("add", cuda, 99, 33, 34, linked=8),  # no runtime event with its id: by the op's id
+        event("copy", cuda, 2, 12, 13, linked=0),  # neither
+    ]
+    spans, syncs = gpu_profile.host_waits(
+        [step, mm, add, launch, launch_add, *decoys, sync, *kernels], steps=1
+    )
+    assert [span.label for span in spans] == ["aten::mm", "aten::add", "(unknown launcher)"]
     assert [row["call"] for row in syncs] == ["cudaStreamSynchronize in aten::mm"]
