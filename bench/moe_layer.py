@@ -403,16 +403,22 @@ def measure(
 
 
 @contextlib.contextmanager
-def device_side_counts() -> Iterator[None]:
-    """The expert path without its host-count route (per-expert weight-gradient GEMMs whose
-    sizes are copied to the host during forward): every size stays on the device, as a CUDA graph
-    needs; the weight gradients go to torch._grouped_mm, as for layers above the expert limit."""
-    limit = grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS
-    grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = 0
+def kernel_switch(name: str, value: object) -> Iterator[None]:
+    """One of `upcycle.kernels.grouped_moe`'s module switches set to `value` for the block, then
+    restored. The switches the benches vary are read in forward, which decides for backward."""
+    previous = getattr(grouped_moe_kernel, name)
+    setattr(grouped_moe_kernel, name, value)
     try:
         yield
     finally:
-        grouped_moe_kernel.WGRAD_LOOP_MAX_EXPERTS = limit
+        setattr(grouped_moe_kernel, name, previous)
+
+
+def device_side_counts() -> contextlib.AbstractContextManager[None]:
+    """The expert path without its host-count route (per-expert weight-gradient GEMMs whose
+    sizes are copied to the host during forward): every size stays on the device, as a CUDA graph
+    needs; the weight gradients go to torch._grouped_mm, as for layers above the expert limit."""
+    return kernel_switch("WGRAD_LOOP_MAX_EXPERTS", 0)
 
 
 def capture_step(
@@ -506,12 +512,8 @@ def run_shape(
     # The dispatched rows gathered again in backward instead of kept from forward
     # (grouped_moe.KEEP_DISPATCHED_ROWS off): the time and memory of that trade, side by side.
     def rows_gathered_again(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:
-        keep = grouped_moe_kernel.KEEP_DISPATCHED_ROWS
-        grouped_moe_kernel.KEEP_DISPATCHED_ROWS = False  # read in forward, which decides for backward
-        try:
+        with kernel_switch("KEEP_DISPATCHED_ROWS", False):
             return moe(x)[0]
-        finally:
-            grouped_moe_kernel.KEEP_DISPATCHED_ROWS = keep
 
     impls.append(
         Impl("ours grouped, rows gathered again", rows_gathered_again, moe_params, weights.w_in, "ours")
@@ -520,11 +522,8 @@ def run_shape(
     # The row gathers fused into Triton grouped GEMMs (opt-in, upcycle/kernels/gather_gemm.py):
     # the evidence for turning grouped_moe.GATHER_GEMM on or leaving it off.
     def fused_gathers(x: torch.Tensor, moe: nn.Module = ours["grouped"]) -> torch.Tensor:
-        grouped_moe_kernel.GATHER_GEMM = True  # eager: read in forward, kept on ctx for backward
-        try:
+        with kernel_switch("GATHER_GEMM", True):  # eager: read in forward, kept on ctx for backward
             return moe(x)[0]
-        finally:
-            grouped_moe_kernel.GATHER_GEMM = False
 
     if device.type == "cuda":
         impls.append(Impl("ours grouped, fused gathers", fused_gathers, moe_params, weights.w_in, "ours"))

@@ -280,7 +280,7 @@ def experts_backward(
     if isinstance(h_AP, list):
         h_AP = h_AP.pop()
     if isinstance(rows_AD, list):
-        rows_AD = rows_AD.pop() if rows_AD else None
+        rows_AD = rows_AD.pop()
     needs_x, needs_weights, needs_w_in, needs_w_down = needs_grad
     T, K = weights_TK.shape
     E = w_in_EPD.shape[0]
@@ -406,7 +406,7 @@ class _GroupedExperts(torch.autograd.Function):
         # In place, h and the kept rows go to experts_backward in lists it empties, with no
         # reference left here (an argument would stay referenced by this frame), so that each is
         # freed as soon as experts_backward is done with it.
-        rows = [ctx.rows_AD] if ctx.in_place and ctx.rows_AD is not None else saved_rows
+        rows = [ctx.rows_AD] if ctx.rows_AD is not None else saved_rows  # on ctx only in place
         ctx.rows_AD = None
         grads = experts_backward(
             grad_TD, x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A,
