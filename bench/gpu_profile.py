@@ -140,6 +140,11 @@ def op_label(event) -> str:
     return leaf if len(chain) <= 2 else f"{chain[-1][:60]} > {leaf[:60]}"
 
 
+def linked_id(event) -> int:
+    """The id of the framework op an event is linked to (0: none, or a torch that does not say)."""
+    return getattr(event, "linked_correlation_id", 0)
+
+
 def host_waits(events, steps: int) -> tuple[list[Span], list[dict[str, object]]]:
     """(kernel spans labelled by the host op that launched them, host synchronisations grouped
     by the op that made them) from a GPU profile's events."""
@@ -154,13 +159,14 @@ def host_waits(events, steps: int) -> tuple[list[Span], list[dict[str, object]]]
     # its own id, else any runtime call with its linked id; the label is that call's parent op.
     runtime = [e for e in events if e.device_type == cpu and RUNTIME_CALL.match(e.name)]
     by_cupti_id = {e.id: e for e in runtime}
-    by_op_id = {e.linked_correlation_id: e for e in runtime if e.linked_correlation_id and e.cpu_parent}
+    # torch < 2.13's FunctionEvent has no `linked_correlation_id`: only the CUPTI id links there
+    by_op_id = {linked_id(e): e for e in runtime if linked_id(e) and e.cpu_parent}
     spans = []
     for e in events:
         if e.device_type == cuda and not getattr(e, "is_user_annotation", False):
             call = by_cupti_id.get(e.id)
             if call is None or call.cpu_parent is None:
-                call = by_op_id.get(getattr(e, "linked_correlation_id", 0)) or call
+                call = by_op_id.get(linked_id(e)) or call
             if call is None:
                 label = "(unknown launcher)"
             else:

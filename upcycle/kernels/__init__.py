@@ -9,6 +9,7 @@
 - `moe_ops`: the SwiGLU expert path as custom operators, so compiled graphs run it as eager does.
 - `gather_gemm`: grouped GEMMs that read token rows by index (opt-in `grouped_moe.GATHER_GEMM`,
   Triton), removing the expert path's three row gathers.
+- `adamw`: AdamW's update of a large tensor in one Triton pass (`upcycle.train.optim.AdamW`).
 - `host_copy`: small device tensors copied to the host without stalling the GPU's queue.
 - `dtypes`: the dtype a matrix product runs in under autocast.
 

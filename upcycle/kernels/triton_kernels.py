@@ -176,3 +176,32 @@ def gather_grouped_wgrad_kernel(
         acc = tl.dot(g_t, s, acc, input_precision=PRECISION)
     out = out_ptr + expert * stride_oe + rn[:, None] * stride_on + rk[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def adamw_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, factors_ptr, scale_ptr, inf_ptr, N,
+    lr, beta1, beta2, eps, weight_decay,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if HAS_INF:  # a non-finite step: nothing is read or written (masked loads touch no memory)
+        N = tl.where(tl.load(inf_ptr) == 0.0, N, 0)
+    mask = offsets < N
+    step_size = tl.load(factors_ptr)  # lr / (1 − β1^step)
+    bias_correction2_sqrt = tl.load(factors_ptr + 1)  # √(1 − β2^step)
+    p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+    p = p - lr * weight_decay * p
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    # IEEE square root and divisions, as torch's kernel (Triton's defaults are approximations)
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - tl.div_rn(step_size * m, denom)
+    tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)

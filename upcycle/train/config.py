@@ -95,7 +95,9 @@ TrainPrecision = Literal["auto", "bf16", "fp32", "bf16-weights"]
 class OptimizerConfig(_StrictModel):
     """AdamW. Weight decay applies to matrices (and embeddings), not to norms and biases.
 
-    `fused`: the fused CUDA kernel; default (null): on CUDA, off on CPU.
+    `fused`: fused CUDA kernels (torch's fused AdamW, with large tensors updated by upcycle's
+    Triton pass when Triton is installed: `upcycle.train.optim.AdamW`); default (null): on CUDA,
+    off on CPU.
     """
 
     lr: float = Field(3e-4, gt=0)

@@ -15,6 +15,11 @@ A mode that would freeze nothing it names (experts of a dense model) or leave no
 
 Weight decay applies to parameters with two or more dimensions (matrices, stacked experts,
 embeddings, routers); norms' weights and biases are not decayed, as in GPT-2, Llama and OLMo.
+
+On CUDA (`optimizer.fused`, default there) the optimiser is `AdamW`: torch's fused AdamW, with
+each tensor of at least `upcycle.kernels.adamw.MIN_NUMEL` elements (stacked experts, embeddings,
+the LM head) updated by one Triton pass at memory bandwidth instead. Its state is torch's (a
+checkpoint of either loads into the other).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
+from upcycle.kernels import adamw as adamw_kernel
+from upcycle.kernels.swiglu import triton_installed
 from upcycle.model.moe import MoE
 from upcycle.model.router import Router
 from upcycle.train.config import FreezeMode, OptimizerConfig
@@ -83,7 +90,93 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, device: torch.dev
     fused = device.type == "cuda" if config.fused is None else config.fused
     if fused and device.type != "cuda":
         raise UpcycleError("optimizer.fused needs a CUDA device; remove it or set it to false on CPU")
+    if fused and triton_installed():
+        return AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)
+
+
+def _torch_step(optimizer: torch.optim.AdamW) -> None:
+    """torch's AdamW step without its hook wrapper: once any torch AdamW exists, torch wraps the
+    class's `step` to run the step hooks, which `AdamW.step`'s own wrapper already ran."""
+    step = torch.optim.AdamW.step
+    while getattr(step, "hooked", False):
+        step = step.__wrapped__
+    step(optimizer)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's fused AdamW, with every large tensor updated by `upcycle.kernels.adamw.adamw_`.
+
+    Same hyperparameters, state (`step` as a float32 tensor on the parameter's device,
+    `exp_avg`, `exp_avg_sq`) and update as `torch.optim.AdamW(fused=True)`, and the same
+    `grad_scale` / `found_inf` attributes (`upcycle.train.step` sets them to fold gradient
+    clipping into the step and to guard it on the device). What differs: a tensor that
+    `adamw_kernel.supports` takes is updated in one Triton pass of its own, which reads its
+    gradient without writing the rescaled gradient back (torch's kernel does, with `grad_scale`);
+    the rest (small tensors, groups with amsgrad, maximize or a tensor learning rate, DTensor
+    shards) go to torch's fused kernel, as before. Measured in bench/RESULTS.md (seventh round).
+    """
+
+    def __init__(self, params, **kwargs) -> None:
+        if kwargs.pop("fused", True) is not True:
+            raise ValueError("upcycle's AdamW is fused; use torch.optim.AdamW for the unfused one")
+        super().__init__(params, fused=True, **kwargs)
+
+    def _ours(self, group: dict) -> list[torch.Tensor]:
+        """The parameters of `group` that the Triton kernel updates, their state created as
+        torch would create it."""
+        plain = not (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"])
+        if not plain or any(isinstance(v, torch.Tensor) for v in (group["lr"], *group["betas"])):
+            return []
+        ours = []
+        for param in group["params"]:
+            if not adamw_kernel.supports(param):
+                continue
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if adamw_kernel.supports(param, state["exp_avg"], state["exp_avg_sq"]):
+                ours.append(param)
+        return ours
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        held: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            for group in self.param_groups:
+                ours = self._ours(group)
+                if not ours:
+                    continue
+                steps = [self.state[p]["step"] for p in ours]
+                torch._foreach_add_(steps, 1)
+                beta1, beta2 = group["betas"]
+                factors = adamw_kernel.bias_factors(steps, group["lr"], beta1, beta2)
+                for param, row in zip(ours, factors, strict=True):
+                    state = self.state[param]
+                    adamw_kernel.adamw_(
+                        param, param.grad, state["exp_avg"], state["exp_avg_sq"], row,
+                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
+                    )  # fmt: skip
+                if found_inf is not None:
+                    torch._foreach_sub_(steps, [found_inf] * len(steps))
+                # hidden from torch's step below, which updates what is left
+                held += [(param, param.grad) for param in ours]
+                for param in ours:
+                    param.grad = None
+            _torch_step(self)
+        finally:
+            for param, grad in held:
+                param.grad = grad
+        return loss
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

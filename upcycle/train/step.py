@@ -42,7 +42,7 @@ from upcycle.model.router import Router
 from upcycle.train.distributed import Distributed, set_gradient_sync
 from upcycle.train.expert_parallel import clip_grads, grad_norm
 from upcycle.train.losses import lm_loss, training_loss
-from upcycle.train.optim import set_learning_rate
+from upcycle.train.optim import AdamW, set_learning_rate
 from upcycle.train.schedule import WarmupCosine
 
 
@@ -89,7 +89,7 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 def _folds_clipping(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor]) -> bool:
     """True for a fused torch AdamW over plain (not DTensor, one-device) parameters."""
-    if type(optimizer) is not torch.optim.AdamW or not optimizer.defaults.get("fused"):
+    if type(optimizer) not in (torch.optim.AdamW, AdamW) or not optimizer.defaults.get("fused"):
         return False
     devices = {p.device for p in parameters}
     return len(devices) == 1 and all(type(p.data) is torch.Tensor for p in parameters)

@@ -1,0 +1,147 @@
+"""The AdamW step alone: torch's fused AdamW against upcycle's (`upcycle.train.optim.AdamW`).
+
+The parameters are those of bench/train_step.py's Mixtral-shaped model (640M), in the trainer's
+two groups (decayed and not), with the `grad_scale` and `found_inf` tensors that
+`upcycle.train.TrainStep` hands a fused AdamW (clipping folded into the step, a device-side
+guard). Gradients are random. Each implementation starts from the same weights and moments; after
+one step, the weights are compared (largest difference in units of the last place of the bigger
+value). Bandwidth counts the bytes AdamW must move: read weight, gradient and both moments, write
+weight and both moments (14 bytes a parameter in bf16, 28 in fp32). A device copy of 2 GiB gives
+the card's reachable bandwidth in the same run.
+
+Usage (GPU):  python bench/optimizer_step.py [--precision bf16-weights|fp32] [--steps 20] [--json PATH]
+CPU smoke:    python bench/optimizer_step.py --cpu-smoke   (tiny model, figures mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import environment, fmt, load_script, run_header, time_calls
+
+from upcycle.model import Transformer
+from upcycle.train.build import cast_to_bf16_weights
+from upcycle.train.config import OptimizerConfig
+from upcycle.train.optim import AdamW, build_optimizer
+
+H100_BANDWIDTH_TBS = 3.35
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float
+    tb_per_s: float
+    of_peak: float
+    max_ulps: float
+    ok: bool
+
+
+def model_parameters(precision: str, tiny: bool, device: torch.device) -> list[torch.nn.Parameter]:
+    configs = load_script("train_step").case_configs(tiny)
+    with torch.device(device):
+        model = Transformer(configs["mixtral"])
+    if precision == "bf16-weights":
+        cast_to_bf16_weights(model)
+    return list(model.parameters())
+
+
+def rounding_excess(a: torch.Tensor, b: torch.Tensor, before: torch.Tensor) -> float:
+    """max |a − b| over what two fp32 computations of one update may differ by once stored:
+    one last place of the stored value, plus fp32's own error on a weight the size of `before`
+    (where the update cancels most of a weight, the result's last place is finer than that)."""
+    eps = torch.finfo(a.dtype).eps
+    a, b, before = (t.detach().double() for t in (a, b, before))
+    tolerance = eps * torch.maximum(a.abs(), b.abs()) + 8 * torch.finfo(torch.float32).eps * before.abs()
+    return float(((a - b).abs() / tolerance.clamp_min(torch.finfo(torch.float32).tiny)).max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--precision", choices=["bf16-weights", "fp32"], default="bf16-weights")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--cpu-smoke", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    steps, warmup = (2, 1) if args.cpu_smoke else (args.steps, args.warmup)
+    config = OptimizerConfig(lr=1e-4)
+
+    start = model_parameters(args.precision, args.cpu_smoke, device)
+    numel = sum(p.numel() for p in start)
+    bytes_moved = sum(7 * p.numel() * p.element_size() for p in start)
+    generator = torch.Generator(device=device).manual_seed(0)
+    grads = [torch.randn(p.shape, device=device, generator=generator).to(p.dtype) * 1e-3 for p in start]
+
+    def make(kind: str):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in start]
+        holder = torch.nn.Module()
+        holder.params = torch.nn.ParameterList(params)
+        if kind == "torch fused AdamW":
+            groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+            optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                                          fused=device.type == "cuda" or None)  # fmt: skip
+        else:
+            optimizer = build_optimizer(holder, config, device)
+            assert device.type == "cpu" or type(optimizer) is AdamW
+        if device.type == "cuda":
+            optimizer.grad_scale = torch.ones((), device=device)
+            optimizer.found_inf = torch.zeros((), device=device)
+
+        def step() -> None:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone() if device.type == "cpu" else g  # torch's kernel rescales in place
+            optimizer.step()
+
+        return params, step
+
+    rows, after = [], {}
+    for kind in ("torch fused AdamW", "upcycle AdamW"):
+        params, step = make(kind)
+        step()
+        after[kind] = [p.detach().clone() for p in params]
+        ms = statistics.median(time_calls(step, device, warmup, steps))
+        tbs = bytes_moved / (ms * 1e-3) / 1e12
+        rows.append(Row(kind, ms, tbs, tbs / H100_BANDWIDTH_TBS, 0.0, True))
+        del params, step
+    pairs = zip(after["torch fused AdamW"], after["upcycle AdamW"], start, strict=True)
+    worst = max(rounding_excess(a, b, before.to(a.dtype)) for a, b, before in pairs)
+    rows[1].max_ulps = worst
+    rows[1].ok = worst <= 1.0
+
+    copy_src = torch.empty(1 << (20 if args.cpu_smoke else 30), dtype=torch.bfloat16, device=device)
+    copy_dst = torch.empty_like(copy_src)
+    copy_ms = statistics.median(time_calls(lambda: copy_dst.copy_(copy_src), device, warmup, steps))
+    copy_tbs = 2 * copy_src.numel() * 2 / (copy_ms * 1e-3) / 1e12
+    rows.append(
+        Row("device copy (read + write)", copy_ms, copy_tbs, copy_tbs / H100_BANDWIDTH_TBS, 0.0, True)
+    )
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(run_header(name))
+    print(f"{numel / 1e6:.1f}M parameters, {args.precision}, {bytes_moved / 1e9:.2f} GB moved per step")
+    print("| implementation | ms | TB/s | of 3.35 TB/s | max Δ vs torch (÷ one rounding) | check |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.name} | {r.ms:.3f} | {r.tb_per_s:.2f} | {r.of_peak:.0%} | {fmt(r.max_ulps, '.2f')} | "
+              f"{'ok' if r.ok else 'MISMATCH'} |")  # fmt: skip
+    if args.json:
+        payload = {"env": environment(device, precision=args.precision), "rows": [asdict(r) for r in rows]}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""AdamW's update of large tensors as one Triton pass each, at the card's memory bandwidth.
+
+torch's fused AdamW (`torch._fused_adamw_`) spends 4.75 ms per step on the Mixtral-shaped
+bench model's 640M bf16 parameters (bench/RESULTS.md, sixth round): about 56% of an H100's
+bandwidth for the 14 bytes a parameter that AdamW must move (read weight, gradient and both
+moments; write weight and moments). Two things cost it: its multi-tensor launches cut every
+tensor into 64K-element chunks, and with `grad_scale` (how `upcycle.train.step` applies gradient
+clipping) it also writes the rescaled gradient back, 2 more bytes a parameter that nothing reads.
+`adamw_` here updates one contiguous tensor per launch, reads the gradient and leaves it as it is.
+
+The update is torch's (decoupled weight decay, bias corrections from the step count held on the
+device, in fp32 whatever the storage dtype, one rounding on store):
+
+    g  = grad / grad_scale                      (when a scale is given)
+    p ← p − lr · weight_decay · p
+    m ← β1 · m + (1 − β1) · g
+    v ← β2 · v + (1 − β2) · g²
+    p ← p − lr / (1 − β1^step) · m / (√v / √(1 − β2^step) + ε)
+
+and a `found_inf` flag of 1 leaves weight and moments untouched (the caller takes the step back,
+as torch does). The two bias-correction factors come from `bias_factors`, computed in fp64 from
+the step counts on the device (a few small kernels for all tensors of a group, no host
+synchronisation); in-kernel exp2/log2 would be the GPU's approximate ones, whose error reached
+2·10⁻⁶ of an fp32 update (H100, run M). Square root and divisions are IEEE-rounded, as in torch's
+kernel. tests/test_adamw.py checks the kernel (through Triton's CPU interpreter) against an fp64
+reference and, on the GPU, against torch's fused kernel step by step from the same state.
+
+Used by `upcycle.train.optim.AdamW` for tensors of at least `MIN_NUMEL` elements; smaller
+tensors go to torch's multi-tensor kernel, which packs many of them into one launch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from upcycle.kernels.swiglu import kernels, triton_installed
+
+# Tensors below this size stay with torch's multi-tensor kernel: one launch per tensor costs
+# more than it saves for a norm's weight or a router.
+MIN_NUMEL = 1 << 22
+_BLOCK = 2048
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(param: torch.Tensor, *state: torch.Tensor) -> bool:
+    """Whether `adamw_` can update `param` with its gradient and the moment tensors `state`
+    (plain contiguous tensors of one float dtype and shape on one CUDA device, at least
+    `MIN_NUMEL` elements, Triton importable). Without `state`, the parameter and gradient alone."""
+    grad = param.grad
+    if grad is None or param.numel() < MIN_NUMEL or param.dtype not in DTYPES:
+        return False
+    tensors = (param.data, grad, *state)
+    return (
+        all(type(t) is torch.Tensor and not t.is_sparse and t.is_contiguous() for t in tensors)
+        and all(
+            t.device == param.device and t.dtype == param.dtype and t.shape == param.shape for t in tensors
+        )
+        and (param.is_cuda or _interpreted())
+        and triton_installed()
+    )
+
+
+def _interpreted() -> bool:
+    """Triton's CPU interpreter (the tests) runs kernels on CPU tensors."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    factors: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One AdamW update of `param`, `exp_avg` and `exp_avg_sq` in place (module docstring).
+
+    `factors`: this tensor's row of `bias_factors` (two fp32 values on the device);
+    `grad_scale` divides the gradient; `found_inf` (1.0 or 0.0) skips the update. `grad` is read,
+    never written.
+    """
+    n = param.numel()
+    if n == 0:
+        return
+    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if value is not None and value.numel() != 1:
+            raise ValueError(f"adamw_: {name} must hold one value, got shape {tuple(value.shape)}")
+    grid = (triton_cdiv(n, _BLOCK),)
+    if factors.dtype != torch.float32 or factors.numel() != 2 or not factors.is_contiguous():
+        raise ValueError("adamw_: factors must be a contiguous row of two fp32 values (bias_factors)")
+    kernels().adamw_kernel[grid](
+        param, grad, exp_avg, exp_avg_sq, factors,
+        grad_scale if grad_scale is not None else factors,
+        found_inf if found_inf is not None else factors,
+        n, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=_BLOCK,
+        num_warps=8,
+    )  # fmt: skip
+
+
+def bias_factors(steps: list[torch.Tensor], lr: float, beta1: float, beta2: float) -> torch.Tensor:
+    """[len(steps), 2] fp32: (lr / (1 − β1^step), √(1 − β2^step)) for each step count (this
+    step's, after its increment), computed in fp64 on the steps' device."""
+    step = torch.stack([s.reshape(()) for s in steps]).double()
+    first = lr / (1.0 - torch.pow(beta1, step))
+    second = torch.sqrt(1.0 - torch.pow(beta2, step))
+    return torch.stack([first, second], dim=1).float()
+
+
+def triton_cdiv(n: int, block: int) -> int:
+    return -(-n // block)
