@@ -426,3 +426,20 @@ def test_kernels_run_on_the_device_of_their_tensors_not_the_current_one() -> Non
         results.append([out.cpu(), *(grad.cpu() for grad in grads)])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_per_expert_weight_gradients_match_fp64_with_an_empty_expert() -> None:
+    """`grouped_weight_grad` with host row counts (one GEMM per expert, written into its slot):
+    each expert's Σ g_aᵀ x_a over its own rows, zeros for an expert without rows."""
+    g = torch.Generator().manual_seed(21)
+    sizes = [3, 0, 5, 2]
+    g_AO, x_AI = torch.randn(10, 6, generator=g), torch.randn(10, 4, generator=g)
+    from upcycle.kernels.grouped_moe import grouped_weight_grad
+
+    got = grouped_weight_grad(g_AO, x_AI, None, sizes, len(sizes))
+    start, expected = 0, []
+    for rows in sizes:
+        expected.append(g_AO[start : start + rows].double().t() @ x_AI[start : start + rows].double())
+        start += rows
+    torch.testing.assert_close(got.double(), torch.stack(expected), rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[1], torch.zeros(6, 4))

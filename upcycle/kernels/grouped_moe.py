@@ -162,13 +162,16 @@ def grouped_weight_grad(
         assert offsets_E is not None
         return torch._grouped_mm(g_AO.t(), x_AI, offs=offsets_E)
     out_EOI = g_AO.new_empty(num_experts, g_AO.shape[1], x_AI.shape[1])
-    start = 0
-    for expert, rows in enumerate(split_sizes):
-        if rows:
-            torch.mm(g_AO[start : start + rows].t(), x_AI[start : start + rows], out=out_EOI[expert])
+    # The views come from one split / unbind call each, not sliced per expert: the host issues
+    # these GEMMs one by one in backward, and each takes about 70 µs on an H100 in the
+    # Mixtral-shaped step, so the loop's own Python time decides whether the GPU waits for it
+    # (bench/RESULTS.md, seventh round: 248 gaps a step before these GEMMs).
+    parts = zip(g_AO.split(split_sizes), x_AI.split(split_sizes), out_EOI.unbind(0), strict=True)
+    for g_rO, x_rI, out_OI in parts:
+        if g_rO.shape[0]:
+            torch.mm(g_rO.t(), x_rI, out=out_OI)
         else:
-            out_EOI[expert].zero_()
-        start += rows
+            out_OI.zero_()
     return out_EOI
 
 
