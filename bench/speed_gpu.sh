@@ -6,13 +6,14 @@
 #   parts: tests gemm gather profile layer attention step tuned quick bf16w
 #   (default: all but tuned, quick and bf16w)
 #
-# `quick` is the issue's headline figures in one short device call (about 4 minutes, six files):
+# `quick` is the issue's headline figures in one short device call (about 5 minutes, seven files):
 # the Mixtral step (bf16-weights and fp32-master compiled, transformers bf16 eager), both attention
-# variants, the S1, S2 and S3 layers with their CUDA-graph rows, the GPU tests of the router GEMMs
-# and input copies, every GPU test, and the compiled bf16-weights step's profile. `bf16w` diagnoses the compiled
-# bf16-weights step that run G measured host-bound (bench/RESULTS.md, fifth round): graph breaks
-# and recompiles, the step with the router operator switched off, the corrected idle table and
-# the host's Python functions (gpu_profile.py --host) of the bf16-weights and fp32-master steps.
+# variants, the S1, S2 and S3 layers with their CUDA-graph rows, every GPU test, the AdamW step
+# alone (torch's fused kernel against upcycle's) and the compiled bf16-weights step's profile.
+# `bf16w` diagnoses the compiled bf16-weights step that run G measured host-bound
+# (bench/RESULTS.md, fifth round): graph breaks and recompiles, the step with the router operator
+# switched off, the corrected idle table and the host's Python functions (gpu_profile.py --host)
+# of the bf16-weights and fp32-master steps.
 #
 # Each part runs under its own time limit so one slow part cannot stop the rest. The device tool's
 # copy of .git can be stale: pass the commit being measured as UPCYCLE_COMMIT=<hash> so that every
@@ -78,6 +79,7 @@ if has quick; then
   timeout 150 python3 bench/moe_layer.py --shapes S1 S2 S3 --no-compile > "$OUT/moe_layer.txt" 2>&1
   grep -A40 "^| shape | implementation" "$OUT/moe_layer.txt" | head -40
   timeout 120 bash bench/gpu_tests.sh > "$OUT/gpu_tests.txt" 2>&1; tail -2 "$OUT/gpu_tests.txt"
+  timeout 60 python3 bench/optimizer_step.py > "$OUT/optimizer.txt" 2>&1; tail -4 "$OUT/optimizer.txt"
   timeout 90 python3 bench/gpu_profile.py step mixtral-bf16w --compile --top 25 > "$OUT/profile.md" 2>&1
   grep -B2 -A14 "idle" "$OUT/profile.md" | head -40
 fi
