@@ -159,7 +159,7 @@ def host_waits(events, steps: int) -> tuple[list[Span], list[dict[str, object]]]
     # its own id, else any runtime call with its linked id; the label is that call's parent op.
     runtime = [e for e in events if e.device_type == cpu and RUNTIME_CALL.match(e.name)]
     by_cupti_id = {e.id: e for e in runtime}
-    # torch < 2.13's FunctionEvent has no `linked_correlation_id`: only the CUPTI id links there
+    # torch 2.11's FunctionEvent has no `linked_correlation_id` (2.13's has): only the CUPTI id links there
     by_op_id = {linked_id(e): e for e in runtime if linked_id(e) and e.cpu_parent}
     spans = []
     for e in events:

@@ -88,7 +88,8 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 
 def _folds_clipping(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor]) -> bool:
-    """True for a fused torch AdamW over plain (not DTensor, one-device) parameters."""
+    """True for a fused AdamW (torch's, or upcycle's built on it) over plain (not DTensor,
+    one-device) parameters."""
     if type(optimizer) not in (torch.optim.AdamW, AdamW) or not optimizer.defaults.get("fused"):
         return False
     devices = {p.device for p in parameters}
