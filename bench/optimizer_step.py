@@ -3,11 +3,12 @@
 The parameters are those of bench/train_step.py's Mixtral-shaped model (640M), in the trainer's
 two groups (decayed and not), with the `grad_scale` and `found_inf` tensors that
 `upcycle.train.TrainStep` hands a fused AdamW (clipping folded into the step, a device-side
-guard). Gradients are random. Each implementation starts from the same weights and moments; after
-one step, the weights are compared (largest difference in units of the last place of the bigger
-value). Bandwidth counts the bytes AdamW must move: read weight, gradient and both moments, write
-weight and both moments (14 bytes a parameter in bf16, 28 in fp32). A device copy of 2 GiB gives
-the card's reachable bandwidth in the same run.
+guard). Gradients are random. Each implementation is set to the same weights, moments and step
+count (those of a run at step 4); after one step, the weights are compared: the largest
+difference over one rounding of the stored value plus fp32's error on the weight (at most 1 when
+both computed the same update). Bandwidth counts the bytes AdamW must move: read weight, gradient
+and both moments, write weight and both moments (14 bytes a parameter in bf16, 28 in fp32). A
+device copy of 2 GiB gives the card's reachable bandwidth in the same run.
 
 Usage (GPU):  python bench/optimizer_step.py [--precision bf16-weights|fp32] [--steps 20] [--json PATH]
 CPU smoke:    python bench/optimizer_step.py --cpu-smoke   (tiny model, figures mean nothing)
@@ -83,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     bytes_moved = sum(7 * p.numel() * p.element_size() for p in start)
     generator = torch.Generator(device=device).manual_seed(0)
     grads = [torch.randn(p.shape, device=device, generator=generator).to(p.dtype) * 1e-3 for p in start]
+    # the compared step starts from moments of a run in progress (from zero moments at step 1 the
+    # betas cancel out of the update, and a mistake in them would not show)
+    moments = [
+        (torch.randn(p.shape, device=device, generator=generator).to(p.dtype) * 1e-3,
+         (torch.randn(p.shape, device=device, generator=generator) * 1e-3).square().to(p.dtype))
+        for p in start
+    ]  # fmt: skip
 
     def make(kind: str):
         params = [torch.nn.Parameter(p.detach().clone()) for p in start]
@@ -105,17 +113,26 @@ def main(argv: list[str] | None = None) -> int:
                 p.grad = g.clone() if device.type == "cpu" else g  # torch's kernel rescales in place
             optimizer.step()
 
-        return params, step
+        def resume() -> None:
+            """Weights back to the start, moments and step counts those of step 4."""
+            for p, begin, (m, v) in zip(params, start, moments, strict=True):
+                p.data.copy_(begin)
+                state = optimizer.state[p]
+                state["exp_avg"].copy_(m), state["exp_avg_sq"].copy_(v), state["step"].fill_(4.0)
+
+        return params, step, resume
 
     rows, after = [], {}
     for kind in ("torch fused AdamW", "upcycle AdamW"):
-        params, step = make(kind)
+        params, step, resume = make(kind)
+        step()  # creates the state
+        resume()
         step()
         after[kind] = [p.detach().clone() for p in params]
         ms = statistics.median(time_calls(step, device, warmup, steps))
         tbs = bytes_moved / (ms * 1e-3) / 1e12
         rows.append(Row(kind, ms, tbs, tbs / H100_BANDWIDTH_TBS, 0.0, True))
-        del params, step
+        del params, step, resume
     pairs = zip(after["torch fused AdamW"], after["upcycle AdamW"], start, strict=True)
     worst = max(rounding_excess(a, b, before.to(a.dtype)) for a, b, before in pairs)
     rows[1].max_ulps = worst

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -71,39 +72,59 @@ calls = []
 launch = adamw_kernel.adamw_
 adamw_kernel.adamw_ = lambda *a, **k: (calls.append(a[0].shape), launch(*a, **k))[1]
 
+def check(opt, param, before, grad, step, scale, hp):
+    expected = reference_step(*before[:1], grad, *before[1:], step, scale=scale, **hp)
+    got = (param.detach(), opt.state[param]["exp_avg"], opt.state[param]["exp_avg_sq"])
+    # the size of what each result sums: weight; β1·m and (1 − β1)·g (which can cancel); v
+    sizes = (before[0], before[1].double().abs() + grad.double().abs() / scale, expected[2])
+    for name, e, o, b in zip(("weight", "exp_avg", "exp_avg_sq"), expected, got, sizes):
+        message = rounding_excess(e, o, b)
+        assert not message, (param.dtype, step, name, message)
+    assert not torch.equal(got[0], before[0])
+    assert torch.equal(param.grad, grad), "the kernel must not write the gradient"
+    assert float(opt.state[param]["step"]) == step
+
 for dtype in (torch.float32, torch.bfloat16):
     g = torch.Generator().manual_seed(0)
     big = torch.nn.Parameter(torch.randn(5000, generator=g).to(dtype))     # 3 blocks, last one partial
+    late = torch.nn.Parameter(torch.randn(1200, generator=g).to(dtype))    # same group, no gradient at step 1
+    other = torch.nn.Parameter(torch.randn(1500, generator=g).to(dtype))   # a group without weight decay
     small = torch.nn.Parameter(torch.randn(10, generator=g).to(dtype))     # torch's kernel
-    hp = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    opt = AdamW([big, small], **hp)
+    betas, eps = (0.9, 0.95), 1e-8
+    decayed, plain = dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, weight_decay=0.0)
+    hps = {id(big): decayed, id(late): decayed, id(other): plain}
+    opt = AdamW([{"params": [big, late, small], **decayed}, {"params": [other], **plain}], betas=betas, eps=eps)
+    steps = {id(p): 0 for p in (big, late, other)}
     for step in (1, 2, 3):
-        grad = torch.randn(5000, generator=g).to(dtype)
-        big.grad, small.grad = grad.clone(), torch.randn(10, generator=g).to(dtype)
         scale = 1.0 + step
         opt.grad_scale = torch.tensor(scale)
-        state = opt.state[big]
-        moments = [state[k].clone() for k in ("exp_avg", "exp_avg_sq")] if state else [torch.zeros_like(big)] * 2
-        before = (big.detach().clone(), *moments)
+        opt.found_inf = torch.tensor(0.0)  # what TrainStep hands over on every finite step
+        grads = {}
+        for p in (big, late, other):
+            grads[id(p)] = torch.randn(p.shape, generator=g).to(dtype)
+            p.grad = grads[id(p)].clone() if (p is not late or step > 1) else None
+        small.grad = torch.randn(10, generator=g).to(dtype)
+        befores = {}
+        for p in (big, late, other):
+            state = opt.state[p]
+            moments = [state[k].clone() for k in ("exp_avg", "exp_avg_sq")] if state else [torch.zeros_like(p)] * 2
+            befores[id(p)] = (p.detach().clone(), *moments)
         opt.step()
-        expected = reference_step(*before[:1], grad, *before[1:], step, scale=scale, **hp)
-        got = (big.detach(), opt.state[big]["exp_avg"], opt.state[big]["exp_avg_sq"])
-        # the size of what each result sums: weight; β1·m and (1 − β1)·g (which can cancel); v
-        sizes = (before[0], before[1].double().abs() + grad.double().abs() / scale, expected[2])
-        for name, e, o, b in zip(("weight", "exp_avg", "exp_avg_sq"), expected, got, sizes):
-            message = rounding_excess(e, o, b)
-            assert not message, (dtype, step, name, message)
-        assert not torch.equal(got[0], before[0])
-        assert torch.equal(big.grad, grad), "the kernel must not write the gradient"
-        assert float(opt.state[big]["step"]) == step
+        for p in (big, late, other):
+            if p.grad is None:
+                assert not opt.state[p] and torch.equal(p.detach(), befores[id(p)][0])
+                continue
+            steps[id(p)] += 1
+            check(opt, p, befores[id(p)], grads[id(p)], steps[id(p)], scale, dict(hps[id(p)], betas=betas, eps=eps))
     # a non-finite step: nothing moves, the step count is taken back
     snapshot = (big.detach().clone(), opt.state[big]["exp_avg"].clone(), opt.state[big]["exp_avg_sq"].clone())
     opt.found_inf = torch.tensor(1.0)
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(snapshot, (big.detach(), opt.state[big]["exp_avg"], opt.state[big]["exp_avg_sq"])))
-    assert float(opt.state[big]["step"]) == 3
+    assert [float(opt.state[p]["step"]) for p in (big, late, other)] == [3, 2, 3]
     del opt.found_inf, opt.grad_scale
-assert calls == [(5000,)] * 8, calls
+one_run = [(5000,), (1500,)] + [(5000,), (1200,), (1500,)] * 2 + [(5000,), (1200,), (1500,)]
+assert calls == one_run * 2, calls
 print("interpreted ok")
 """
 
@@ -136,6 +157,53 @@ def test_without_triton_kernels_it_is_torch_fused_adamw_bit_for_bit() -> None:
     b.load_state_dict(a.state_dict())
     a.load_state_dict(b.state_dict())
     assert a.state[ours]["step"].dtype == torch.float32
+
+
+def test_unfused_checkpoint_loads_into_a_fused_optimiser() -> None:
+    """An unfused run's state dict (CPU training) turns each group's `fused` off and keeps step
+    counts as they were; upcycle's AdamW keeps itself fused, so that `grad_scale` stays legal."""
+    ours, theirs, g = _pair(torch.float32)
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    unfused = torch.optim.AdamW([theirs], foreach=False, **hp)
+    theirs.grad = torch.randn(theirs.shape, generator=g)
+    unfused.step()
+    a = AdamW([ours], **hp)
+    a.load_state_dict(copy.deepcopy(unfused.state_dict()))  # loading may keep the very tensors
+    assert a.param_groups[0]["fused"] is True and a.param_groups[0]["foreach"] is None
+    assert a.state[ours]["step"].dtype == torch.float32 and float(a.state[ours]["step"]) == 1
+    b = torch.optim.AdamW([theirs], fused=True, **hp)
+    b.load_state_dict(copy.deepcopy(unfused.state_dict()))
+    ours.data.copy_(theirs.data)
+    grad = torch.randn(ours.shape, generator=g)
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    a.grad_scale = torch.tensor(2.0)
+    theirs.grad /= 2.0
+    a.step(), b.step()  # torch's fused AdamW would refuse the scale after such a load
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)  # b: unfused now
+
+
+def test_an_error_in_torchs_part_leaves_the_large_tensors_alone(monkeypatch) -> None:
+    """torch's kernel runs first; if it raises, no large tensor has moved and every gradient
+    is back on its parameter."""
+    import upcycle.train.optim as optim
+
+    monkeypatch.setattr(adamw_kernel, "MIN_NUMEL", 100)
+    monkeypatch.setattr(adamw_kernel, "_interpreted", lambda: True)
+    big, small = torch.nn.Parameter(torch.randn(500)), torch.nn.Parameter(torch.randn(5))
+    grads = [torch.randn(500), torch.randn(5)]
+    big.grad, small.grad = grads
+    opt = AdamW([big, small], lr=0.1)
+    before = big.detach().clone()
+
+    def fails(optimizer):
+        assert big.grad is None and small.grad is grads[1]  # ours hidden from torch's step
+        raise RuntimeError("torch's step failed")
+
+    monkeypatch.setattr(optim, "_torch_step", fails)
+    with pytest.raises(RuntimeError, match="torch's step failed"):
+        opt.step()
+    assert big.grad is grads[0] and small.grad is grads[1]
+    assert torch.equal(big.detach(), before) and float(opt.state[big]["step"]) == 0
 
 
 def test_step_hooks_run_once_although_torch_adamw_exists() -> None:
@@ -187,6 +255,7 @@ def test_gpu_matches_torch_fused_adamw(dtype: torch.dtype) -> None:
         supported = [adamw_kernel.supports(p) for p in ours]
         assert supported == [True, True, False], supported
         a.grad_scale = b.grad_scale = torch.tensor(1.0 + step, device="cuda")
+        a.found_inf = b.found_inf = torch.tensor(0.0, device="cuda")  # TrainStep's finite steps
         snapshot = [p.detach().clone() for p in ours]
         # the size of what each result sums: weight; β1·m and (1 − β1)·g (which can cancel); v
         m_before = [a.state[p]["exp_avg"].clone() if a.state[p] else torch.zeros_like(p) for p in ours]

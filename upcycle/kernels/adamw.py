@@ -19,7 +19,7 @@ device, in fp32 whatever the storage dtype, one rounding on store):
     v ← β2 · v + (1 − β2) · g²
     p ← p − lr / (1 − β1^step) · m / (√v / √(1 − β2^step) + ε)
 
-and a `found_inf` flag of 1 leaves weight and moments untouched (the caller takes the step back,
+(no decay term when weight_decay is 0) and a `found_inf` flag of 1 leaves weight and moments untouched (the caller takes the step back,
 as torch does). The two bias-correction factors come from `bias_factors`, computed in fp64 from
 the step counts on the device (a few small kernels for all tensors of a group, no host
 synchronisation); in-kernel exp2/log2 would be the GPU's approximate ones, whose error reached
@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from upcycle.kernels.swiglu import kernels, triton_installed
+from upcycle.kernels.swiglu import kernels, launch_device, triton_installed
 
 # Tensors below this size stay with torch's multi-tensor kernel: one launch per tensor costs
 # more than it saves for a norm's weight or a router.
@@ -87,7 +87,7 @@ def adamw_(
     """One AdamW update of `param`, `exp_avg` and `exp_avg_sq` in place (module docstring).
 
     `factors`: this tensor's row of `bias_factors` (two fp32 values on the device);
-    `grad_scale` divides the gradient; `found_inf` (1.0 or 0.0) skips the update. `grad` is read,
+    `grad_scale` divides the gradient; `found_inf` of 1.0 skips the update (0.0 does not). `grad` is read,
     never written.
     """
     n = param.numel()
@@ -104,14 +104,15 @@ def adamw_(
         t if t is None else t.to(param.device, non_blocking=True) for t in (grad_scale, found_inf, factors)
     )
     grid = (_cdiv(n, _BLOCK),)
-    kernels().adamw_kernel[grid](
-        param, grad, exp_avg, exp_avg_sq, factors,
-        grad_scale if grad_scale is not None else factors,
-        found_inf if found_inf is not None else factors,
-        n, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, BLOCK=_BLOCK,
-        num_warps=8,
-    )  # fmt: skip
+    with launch_device(param):
+        kernels().adamw_kernel[grid](
+            param, grad, exp_avg, exp_avg_sq, factors,
+            grad_scale if grad_scale is not None else factors,
+            found_inf if found_inf is not None else factors,
+            n, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, HAS_DECAY=weight_decay != 0,
+            BLOCK=_BLOCK, num_warps=8,
+        )  # fmt: skip
 
 
 def bias_factors(steps: list[torch.Tensor], lr: float, beta1: float, beta2: float) -> torch.Tensor:

@@ -182,11 +182,11 @@ def gather_grouped_wgrad_kernel(
 def adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, factors_ptr, scale_ptr, inf_ptr, N,
     lr, beta1, beta2, eps, weight_decay,
-    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    if HAS_INF:  # a non-finite step: nothing is read or written (masked loads touch no memory)
-        N = tl.where(tl.load(inf_ptr) == 0.0, N, 0)
+    if HAS_INF:  # found_inf = 1 (torch's rule): nothing is read or written (masked loads touch no memory)
+        N = tl.where(tl.load(inf_ptr) == 1.0, 0, N)
     mask = offsets < N
     step_size = tl.load(factors_ptr)  # lr / (1 − β1^step)
     bias_correction2_sqrt = tl.load(factors_ptr + 1)  # √(1 − β2^step)
@@ -196,7 +196,8 @@ def adamw_kernel(
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, tl.load(scale_ptr).to(tl.float32))
-    p = p - lr * weight_decay * p
+    if HAS_DECAY:  # as torch, no decay term at all when it is 0 (an inf weight stays inf, not NaN)
+        p = p - lr * weight_decay * p
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     # IEEE square root and divisions, as torch's kernel (Triton's defaults are approximations)

@@ -111,16 +111,33 @@ class AdamW(torch.optim.AdamW):
     `exp_avg`, `exp_avg_sq`) and update as `torch.optim.AdamW(fused=True)`, and the same
     `grad_scale` / `found_inf` attributes (`upcycle.train.step` sets them to fold gradient
     clipping into the step and to guard it on the device). What differs: a tensor that
-    `adamw_kernel.supports` takes is updated in one Triton pass of its own, which reads its
-    gradient without writing the rescaled gradient back (torch's kernel does, with `grad_scale`);
-    the rest (small tensors, groups with amsgrad, maximize or a tensor learning rate, DTensor
-    shards) go to torch's fused kernel, as before. Measured in bench/RESULTS.md (seventh round).
+    `adamw_kernel.supports` takes (a plain contiguous CUDA tensor of at least
+    `adamw_kernel.MIN_NUMEL` elements, its gradient and moments alike) is updated in one Triton
+    pass of its own, which reads its gradient without writing the rescaled gradient back (torch's
+    kernel does, with `grad_scale`: after a step, small tensors hold the rescaled gradient and
+    large ones the gradient as it was). Everything else (small tensors, sparse gradients, groups
+    with amsgrad, maximize, capturable, differentiable or tensor hyperparameters, DTensor shards)
+    goes to torch's fused kernel, first: an error there leaves the large tensors untouched.
+    Measured in bench/RESULTS.md (seventh round).
     """
 
-    def __init__(self, params, **kwargs) -> None:
+    def __init__(self, params, *args, **kwargs) -> None:
         if kwargs.pop("fused", True) is not True:
             raise ValueError("upcycle's AdamW is fused; use torch.optim.AdamW for the unfused one")
-        super().__init__(params, fused=True, **kwargs)
+        super().__init__(params, *args, fused=True, **kwargs)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then this optimiser's own settings back: loading replaces each group's
+        `fused` / `foreach` with the checkpoint's (an unfused run's checkpoint would turn the
+        fused kernel off, under a `grad_scale` that only it accepts), and an unfused run keeps
+        step counts on the CPU, where the fused kernels read them on the parameter's device."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["fused"], group["foreach"] = True, None
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state and "step" in state:
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
     def _ours(self, group: dict) -> list[torch.Tensor]:
         """The parameters of `group` that the Triton kernel updates, their state created as
@@ -149,34 +166,45 @@ class AdamW(torch.optim.AdamW):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        held: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if value is not None and value.numel() != 1:
+                raise ValueError(f"AdamW.{name} must hold one value, got shape {tuple(value.shape)}")
+        groups = [(group, self._ours(group)) for group in self.param_groups]
+        # torch's kernel first, over what is left: our tensors' gradients hidden from it
+        held = [(param, param.grad) for _, ours in groups for param in ours]
         try:
-            for group in self.param_groups:
-                ours = self._ours(group)
-                if not ours:
-                    continue
-                steps = [self.state[p]["step"] for p in ours]
-                torch._foreach_add_(steps, 1)
-                beta1, beta2 = group["betas"]
-                factors = adamw_kernel.bias_factors(steps, group["lr"], beta1, beta2)
-                for param, row in zip(ours, factors, strict=True):
-                    state = self.state[param]
-                    adamw_kernel.adamw_(
-                        param, param.grad, state["exp_avg"], state["exp_avg_sq"], row,
-                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
-                    )  # fmt: skip
-                if found_inf is not None:
-                    torch._foreach_sub_(steps, [found_inf] * len(steps))
-                # hidden from torch's step below, which updates what is left
-                held += [(param, param.grad) for param in ours]
-                for param in ours:
-                    param.grad = None
+            for param, _ in held:
+                param.grad = None
             _torch_step(self)
         finally:
             for param, grad in held:
                 param.grad = grad
+        for group, ours in groups:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for param in ours:
+                by_device.setdefault(param.device, []).append(param)
+            for device, params in by_device.items():
+                self._step_ours(group, params, grad_scale, found_inf, device)
         return loss
+
+    def _step_ours(self, group: dict, params: list[torch.Tensor], grad_scale, found_inf, device) -> None:
+        """The Triton pass over `params` (one group, one device), step counts as torch keeps
+        them: advanced before the update, taken back where `found_inf` is 1."""
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        factors = adamw_kernel.bias_factors(steps, group["lr"], beta1, beta2)
+        if found_inf is not None:
+            found_inf = found_inf.to(device, non_blocking=True)
+        for param, row in zip(params, factors, strict=True):
+            state = self.state[param]
+            adamw_kernel.adamw_(
+                param, param.grad, state["exp_avg"], state["exp_avg_sq"], row,
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
+            )  # fmt: skip
+        if found_inf is not None:
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

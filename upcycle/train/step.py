@@ -181,8 +181,9 @@ class TrainStep:
         """Clip to `clip_grad_norm` with the norm already computed, then the optimiser step.
 
         With a fused AdamW on plain tensors the clipping factor goes in as the optimiser's
-        `grad_scale` (the kernel divides each gradient by it as it reads it, and stores the
-        result back), which saves a separate read and write of every gradient; `found_inf`
+        `grad_scale` (the kernel divides each gradient by it as it reads it; torch's stores the
+        result back, upcycle's Triton pass does not), which saves a separate read and write of
+        every gradient; `found_inf`
         (fused AdamW only: 1.0 skips the update inside the kernel) guards the step on the device.
         """
         if not self.fold_clip:
