@@ -1,4 +1,4 @@
-"""The Triton kernels behind `upcycle.kernels.swiglu` and `upcycle.kernels.combine`.
+"""The Triton kernels behind `upcycle.kernels.swiglu`, `combine`, `gather_gemm` and `adamw`.
 
 Imported only when a CUDA tensor first needs one (or by the tests, under Triton's CPU
 interpreter), so that upcycle itself never requires Triton. What each kernel computes, and its
