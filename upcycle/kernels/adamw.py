@@ -19,8 +19,8 @@ device, in fp32 whatever the storage dtype, one rounding on store):
     v ← β2 · v + (1 − β2) · g²
     p ← p − lr / (1 − β1^step) · m / (√v / √(1 − β2^step) + ε)
 
-(no decay term when weight_decay is 0) and a `found_inf` flag of 1 leaves weight and moments untouched (the caller takes the step back,
-as torch does). The two bias-correction factors come from `bias_factors`, computed in fp64 from
+(no decay term when weight_decay is 0) and a `found_inf` flag of 1 leaves weight and moments
+untouched (the caller takes the step back, as torch does). The two bias-correction factors come from `bias_factors`, computed in fp64 from
 the step counts on the device (a few small kernels for all tensors of a group, no host
 synchronisation); in-kernel exp2/log2 would be the GPU's approximate ones, whose error reached
 2·10⁻⁶ of an fp32 update (H100, run M). Square root and divisions are IEEE-rounded, as in torch's
@@ -33,11 +33,9 @@ tensors go to torch's multi-tensor kernel, which packs many of them into one lau
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from upcycle.kernels.swiglu import kernels, launch_device, triton_installed
+from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, triton_interpreted
 
 # Tensors below this size stay with torch's multi-tensor kernel: one launch per tensor costs
 # more than it saves for a norm's weight or a router.
@@ -59,14 +57,9 @@ def supports(param: torch.Tensor, *state: torch.Tensor) -> bool:
         and all(
             t.device == param.device and t.dtype == param.dtype and t.shape == param.shape for t in tensors
         )
-        and (param.is_cuda or _interpreted())
+        and (param.is_cuda or triton_interpreted())
         and triton_installed()
     )
-
-
-def _interpreted() -> bool:
-    """Triton's CPU interpreter (the tests) runs kernels on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def adamw_(
@@ -87,15 +80,13 @@ def adamw_(
     """One AdamW update of `param`, `exp_avg` and `exp_avg_sq` in place (module docstring).
 
     `factors`: this tensor's row of `bias_factors` (two fp32 values on the device);
-    `grad_scale` divides the gradient; `found_inf` of 1.0 skips the update (0.0 does not). `grad` is read,
-    never written.
+    `grad_scale` divides the gradient; `found_inf` of 1.0 skips the update (0.0 does not).
+    `grad` is read, never written.
     """
     n = param.numel()
     if n == 0:
         return
-    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if value is not None and value.numel() != 1:
-            raise ValueError(f"adamw_: {name} must hold one value, got shape {tuple(value.shape)}")
+    check_scalars(grad_scale, found_inf)
     if factors.dtype != torch.float32 or factors.numel() != 2 or not factors.is_contiguous():
         raise ValueError("adamw_: factors must be a contiguous row of two fp32 values (bias_factors)")
     # the kernel reads these through pointers: they must live where the weights do (torch's
@@ -103,9 +94,9 @@ def adamw_(
     grad_scale, found_inf, factors = (
         t if t is None else t.to(param.device, non_blocking=True) for t in (grad_scale, found_inf, factors)
     )
-    grid = (_cdiv(n, _BLOCK),)
+    tk = kernels()
     with launch_device(param):
-        kernels().adamw_kernel[grid](
+        tk.adamw_kernel[(tk.triton.cdiv(n, _BLOCK),)](
             param, grad, exp_avg, exp_avg_sq, factors,
             grad_scale if grad_scale is not None else factors,
             found_inf if found_inf is not None else factors,
@@ -115,6 +106,13 @@ def adamw_(
         )  # fmt: skip
 
 
+def check_scalars(grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+    """`grad_scale` and `found_inf` hold one value each, where given."""
+    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if value is not None and value.numel() != 1:
+            raise ValueError(f"AdamW: {name} must hold one value, got shape {tuple(value.shape)}")
+
+
 def bias_factors(steps: list[torch.Tensor], lr: float, beta1: float, beta2: float) -> torch.Tensor:
     """[len(steps), 2] fp32: (lr / (1 − β1^step), √(1 − β2^step)) for each step count (this
     step's, after its increment), computed in fp64 on the steps' device."""
@@ -122,7 +120,3 @@ def bias_factors(steps: list[torch.Tensor], lr: float, beta1: float, beta2: floa
     first = lr / (1.0 - torch.pow(beta1, step))
     second = torch.sqrt(1.0 - torch.pow(beta2, step))
     return torch.stack([first, second], dim=1).float()
-
-
-def _cdiv(n: int, block: int) -> int:
-    return -(-n // block)

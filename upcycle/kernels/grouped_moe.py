@@ -58,7 +58,6 @@ output widths of one grouped GEMM.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import torch
@@ -212,7 +211,7 @@ def use_gather_gemm(x_TD: torch.Tensor, offsets_E: torch.Tensor | None) -> bool:
         and offsets_E is not None
         and not torch.compiler.is_compiling()
         and swiglu.triton_installed()
-        and (x_TD.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        and (x_TD.is_cuda or swiglu.triton_interpreted())
     )
 
 
@@ -515,12 +514,7 @@ def grouped_moe(
         keep_counts = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x_TD, weights_TK, w_in_EPD, w_down_EDF)
         )
-        keep_rows = (
-            KEEP_DISPATCHED_ROWS_COMPILED
-            and not GATHER_GEMM
-            and torch.is_grad_enabled()
-            and w_in_EPD.requires_grad
-        )
+        keep_rows = _keeps_rows(KEEP_DISPATCHED_ROWS_COMPILED and not GATHER_GEMM, w_in_EPD)
         out_TD, _, _ = moe_ops.swiglu_experts(
             x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, keep_counts, keep_rows
         )
@@ -545,5 +539,12 @@ def grouped_moe(
         activation,
         gated,
         host_counts,
-        KEEP_DISPATCHED_ROWS and torch.is_grad_enabled() and w_in_EPD.requires_grad,
+        _keeps_rows(KEEP_DISPATCHED_ROWS, w_in_EPD),
     )
+
+
+def _keeps_rows(switch: bool, w_in_EPD: torch.Tensor) -> bool:
+    """Whether the forward pass keeps the dispatched rows: the switch is on and a backward pass
+    will compute the first GEMM's weight gradient (decided here, outside the autograd Function,
+    where grad mode is still the caller's)."""
+    return switch and torch.is_grad_enabled() and w_in_EPD.requires_grad

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -39,6 +40,12 @@ import torch
 def triton_installed() -> bool:
     """Whether Triton can be imported (it is imported only when a kernel first runs)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton's CPU interpreter is on (`TRITON_INTERPRET=1`, the tests): kernels then run
+    on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernels():

@@ -166,9 +166,7 @@ class AdamW(torch.optim.AdamW):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-            if value is not None and value.numel() != 1:
-                raise ValueError(f"AdamW.{name} must hold one value, got shape {tuple(value.shape)}")
+        adamw_kernel.check_scalars(grad_scale, found_inf)
         groups = [(group, self._ours(group)) for group in self.param_groups]
         # torch's kernel first, over what is left: our tensors' gradients hidden from it
         held = [(param, param.grad) for _, ours in groups for param in ours]
