@@ -20,12 +20,13 @@ device, in fp32 whatever the storage dtype, one rounding on store):
     p ← p − lr / (1 − β1^step) · m / (√v / √(1 − β2^step) + ε)
 
 (no decay term when weight_decay is 0) and a `found_inf` flag of 1 leaves weight and moments
-untouched (the caller takes the step back, as torch does). The two bias-correction factors come from `bias_factors`, computed in fp64 from
-the step counts on the device (a few small kernels for all tensors of a group, no host
-synchronisation); in-kernel exp2/log2 would be the GPU's approximate ones, whose error reached
-2·10⁻⁶ of an fp32 update (H100, run M). Square root and divisions are IEEE-rounded, as in torch's
-kernel. tests/test_adamw.py checks the kernel (through Triton's CPU interpreter) against an fp64
-reference and, on the GPU, against torch's fused kernel step by step from the same state.
+untouched (the caller takes the step back, as torch does). The two bias-correction factors come
+from `bias_factors`, computed in fp64 from the step counts on the device (a few small kernels for
+all tensors of a group, no host synchronisation); in-kernel exp2/log2 would be the GPU's
+approximate ones, whose error reached 2·10⁻⁶ of an fp32 update (H100, run M). Square root and
+divisions are IEEE-rounded, as in torch's kernel. tests/test_adamw.py checks the kernel (through
+Triton's CPU interpreter) against an fp64 reference and, on the GPU, against torch's fused kernel
+step by step from the same state.
 
 Used by `upcycle.train.optim.AdamW` for tensors of at least `MIN_NUMEL` elements; smaller
 tensors go to torch's multi-tensor kernel, which packs many of them into one launch.
