@@ -80,7 +80,7 @@ if has quick; then
   grep -A40 "^| shape | implementation" "$OUT/moe_layer.txt" | head -40
   timeout 120 bash bench/gpu_tests.sh > "$OUT/gpu_tests.txt" 2>&1; tail -2 "$OUT/gpu_tests.txt"
   timeout 60 python3 bench/optimizer_step.py > "$OUT/optimizer.txt" 2>&1; tail -4 "$OUT/optimizer.txt"
-  timeout 90 python3 bench/gpu_profile.py step mixtral-bf16w --compile --top 25 > "$OUT/profile.md" 2>&1
+  timeout 90 python3 bench/gpu_profile.py step mixtral-bf16w --compile --top 60 > "$OUT/profile.md" 2>&1
   grep -B2 -A14 "idle" "$OUT/profile.md" | head -40
 fi
 if has bf16w; then
