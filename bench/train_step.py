@@ -28,8 +28,12 @@ two can be compared. Peak memory from `torch.cuda.max_memory_allocated`. MFU aga
 bf16 matmul ceiling of an H100) and 989 (datasheet). The `moe path` column says which expert
 implementation the MoE layers resolved to for the inputs they actually received.
 
-Usage (GPU):  python bench/train_step.py [--compile] [--batch 16] [--seq-len 2048] [--steps 15]
-                                         [--json results.json]
+Usage (GPU):  python bench/train_step.py [--compile] [--cuda-graph] [--batch 16] [--seq-len 2048]
+                                         [--steps 15] [--json results.json]
+
+`--cuda-graph` replays our whole step as one CUDA graph (`train.cuda_graph`,
+`upcycle.train.cuda_graph`): of the three untimed warm-up steps the first two run eagerly and the
+third is captured and replayed, so every timed step is a replay.
 CPU smoke:    python bench/train_step.py --tiny     (a tiny config in fp32, seconds; figures
               from it mean nothing)
 """
@@ -246,7 +250,10 @@ def build_step(name: str, config: ModelConfig, args, device: torch.device):
         cast_to_bf16_weights(model)  # `precision: bf16-weights`: like for like with hf-mixtral-bf16
     if args.compile:
         compile_blocks(model)
-    return model, benchmark_step(model, Distributed(device=device), compile_loss=args.compile)
+    graphed = args.cuda_graph and device.type == "cuda"
+    return model, benchmark_step(
+        model, Distributed(device=device), compile_loss=args.compile, cuda_graph=graphed
+    )
 
 
 def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Row:
@@ -298,7 +305,7 @@ def print_table(rows: list[Row], args, device: torch.device) -> None:
     print(
         f"{run_header(name)}; "
         f"batch {args.batch} × {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
-        f"compile {args.compile}; median of {args.steps} steps"
+        f"compile {args.compile}, CUDA graph {args.cuda_graph and device.type == 'cuda'}; median of {args.steps} steps"
     )
     print(
         "| case | params | active | tokens/step | first step s | step ms | isolated ms | tokens/s | TFLOP/s | "
@@ -330,6 +337,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--steps", type=int, default=15, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (≥ 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="ours: replay the whole step as one CUDA graph (train.cuda_graph; GPU only, ignored on the CPU)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.tiny:

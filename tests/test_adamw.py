@@ -134,6 +134,49 @@ def test_kernel_in_the_interpreter_matches_fp64_reference() -> None:
     assert "interpreted ok" in run_interpreted(INTERPRETED, timeout=300)
 
 
+TENSOR_LR = """
+import torch
+from upcycle.kernels import adamw as adamw_kernel
+from upcycle.train.optim import AdamW
+
+adamw_kernel.MIN_NUMEL = 1000
+calls = []
+launch = adamw_kernel.adamw_
+adamw_kernel.adamw_ = lambda *a, **k: (calls.append(a[0].shape), launch(*a, **k))[1]
+for dtype in (torch.float32, torch.bfloat16):
+    g = torch.Generator().manual_seed(2)
+    start = torch.randn(3000, generator=g).to(dtype)
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_a = AdamW([a], lr=1.0, weight_decay=0.1)
+    rate = torch.zeros((), dtype=torch.float32)
+    opt_b = AdamW([b], lr=1.0, weight_decay=0.1)
+    for group in opt_b.param_groups:  # as upcycle.train.cuda_graph sets them
+        group["lr"], group["capturable"] = rate, True
+    for lr in (2**-7, 2**-8, 3 * 2**-9):  # exact in fp32: the tensor holds the float itself
+        for group in opt_a.param_groups:
+            group["lr"] = lr
+        rate.fill_(lr)
+        grad = torch.randn(3000, generator=g).to(dtype)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        for opt in (opt_a, opt_b):
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+            opt.step()
+        assert torch.equal(a, b), (dtype, lr)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a.state[a][key], opt_b.state[b][key]), (dtype, lr, key)
+    assert not torch.equal(a, start)
+assert len(calls) == 12, calls
+print("tensor lr ok")
+"""
+
+
+@needs_triton
+def test_tensor_learning_rate_and_capturable_groups_take_the_kernel_bit_for_bit() -> None:
+    """A CUDA-graphed step hands the optimiser its learning rate in a float32 tensor and marks
+    the groups capturable: the Triton pass takes them and gives the float's update bit for bit."""
+    assert "tensor lr ok" in run_interpreted(TENSOR_LR, timeout=300)
+
+
 def _pair(dtype: torch.dtype, numel: int = 3000):
     g = torch.Generator().manual_seed(1)
     start = torch.randn(numel, generator=g).to(dtype)

@@ -22,7 +22,9 @@ device, in fp32 whatever the storage dtype, one rounding on store):
 (no decay term when weight_decay is 0) and a `found_inf` flag of 1 leaves weight and moments
 untouched (the caller takes the step back, as torch does). The two bias-correction factors come
 from `bias_factors`, computed in fp64 from the step counts on the device (a few small kernels for
-all tensors of a group, no host synchronisation); in-kernel exp2/log2 would be the GPU's
+all tensors of a group, no host synchronisation), with the learning rate in fp32 beside them (a
+float, or a tensor on the device, which a CUDA graph replays with each step's value: see
+`upcycle.train.cuda_graph`); in-kernel exp2/log2 would be the GPU's
 approximate ones, whose error reached 2·10⁻⁶ of an fp32 update (H100, run M). Square root and
 divisions are IEEE-rounded, as in torch's kernel. tests/test_adamw.py checks the kernel (through
 Triton's CPU interpreter) against an fp64 reference and, on the GPU, against torch's fused kernel
@@ -70,7 +72,6 @@ def adamw_(
     exp_avg_sq: torch.Tensor,
     factors: torch.Tensor,
     *,
-    lr: float,
     beta1: float,
     beta2: float,
     eps: float,
@@ -80,7 +81,8 @@ def adamw_(
 ) -> None:
     """One AdamW update of `param`, `exp_avg` and `exp_avg_sq` in place (module docstring).
 
-    `factors`: this tensor's row of `bias_factors` (two fp32 values on the device);
+    `factors`: this tensor's row of `bias_factors` (three fp32 values on the device: the
+    bias corrections and the learning rate);
     `grad_scale` divides the gradient; `found_inf` of 1.0 skips the update (0.0 does not).
     `grad` is read, never written.
     """
@@ -88,8 +90,8 @@ def adamw_(
     if n == 0:
         return
     check_scalars(grad_scale, found_inf)
-    if factors.dtype != torch.float32 or factors.numel() != 2 or not factors.is_contiguous():
-        raise ValueError("adamw_: factors must be a contiguous row of two fp32 values (bias_factors)")
+    if factors.dtype != torch.float32 or factors.numel() != 3 or not factors.is_contiguous():
+        raise ValueError("adamw_: factors must be a contiguous row of three fp32 values (bias_factors)")
     # the kernel reads these through pointers: they must live where the weights do (torch's
     # AdamW moves them the same way; a no-op when they already do)
     grad_scale, found_inf, factors = (
@@ -101,7 +103,7 @@ def adamw_(
             param, grad, exp_avg, exp_avg_sq, factors,
             grad_scale if grad_scale is not None else factors,
             found_inf if found_inf is not None else factors,
-            n, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            n, float(beta1), float(beta2), float(eps), float(weight_decay),
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, HAS_DECAY=weight_decay != 0,
             BLOCK=_BLOCK, num_warps=8,
         )  # fmt: skip
@@ -114,10 +116,18 @@ def check_scalars(grad_scale: torch.Tensor | None, found_inf: torch.Tensor | Non
             raise ValueError(f"AdamW: {name} must hold one value, got shape {tuple(value.shape)}")
 
 
-def bias_factors(steps: list[torch.Tensor], lr: float, beta1: float, beta2: float) -> torch.Tensor:
-    """[len(steps), 2] fp32: (lr / (1 − β1^step), √(1 − β2^step)) for each step count (this
-    step's, after its increment), computed in fp64 on the steps' device."""
+def bias_factors(
+    steps: list[torch.Tensor], lr: float | torch.Tensor, beta1: float, beta2: float
+) -> torch.Tensor:
+    """[len(steps), 3] fp32: (lr / (1 − β1^step), √(1 − β2^step), lr) for each step count (this
+    step's, after its increment), computed in fp64 on the steps' device. `lr`: a float or a
+    one-value tensor (its value as stored: a float32 tensor holds the float's fp32 rounding)."""
     step = torch.stack([s.reshape(()) for s in steps]).double()
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"AdamW: a tensor lr must hold one value, got shape {tuple(lr.shape)}")
+        lr = lr.reshape(()).to(step.device, torch.float64, non_blocking=True)
     first = lr / (1.0 - torch.pow(beta1, step))
     second = torch.sqrt(1.0 - torch.pow(beta2, step))
-    return torch.stack([first, second], dim=1).float()
+    rate = torch.zeros_like(step) + lr  # the fp64 value, rounded once to fp32 below
+    return torch.stack([first, second, rate], dim=1).float()

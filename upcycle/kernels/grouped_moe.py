@@ -330,8 +330,15 @@ def token_rows(order_A: torch.Tensor, K: int) -> torch.Tensor:
 
 def wants_host_counts(x_TD: torch.Tensor, num_experts: int) -> bool:
     """Whether the weight gradients take one GEMM per expert (`WGRAD_LOOP_MAX_EXPERTS`), for
-    which the forward pass starts the copy of the row counts to the host."""
-    return x_TD.is_cuda and num_experts <= WGRAD_LOOP_MAX_EXPERTS
+    which the forward pass starts the copy of the row counts to the host. Never while a CUDA
+    graph is captured (`upcycle.train.cuda_graph`): a replay would reuse the counts of the
+    capture, and the backward pass could not wait for them; `torch._grouped_mm` then computes
+    the weight gradients from the counts on the device."""
+    return (
+        x_TD.is_cuda
+        and num_experts <= WGRAD_LOOP_MAX_EXPERTS
+        and not torch.cuda.is_current_stream_capturing()
+    )
 
 
 def sizes_from_offsets(offsets_E: list[int]) -> list[int]:

@@ -80,7 +80,7 @@ def swiglu_experts(
     forward's work queued (a forward recomputed by activation checkpointing). `keep_rows` (also
     decided when traced): return the dispatched rows for the backward pass."""
     pending = None
-    if keep_counts and grouped_moe.wants_host_counts(x_TD, w_in_EPD.shape[0]) and not _capturing(x_TD):
+    if keep_counts and grouped_moe.wants_host_counts(x_TD, w_in_EPD.shape[0]):
         pending = HostCopy(offsets_E)
     out_TD, h_AP, rows_AD = grouped_moe.experts_forward(
         x_TD, weights_TK, w_in_EPD, w_down_EDF, order_A, inverse_A, offsets_E, None, _SILU, True,

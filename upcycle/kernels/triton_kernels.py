@@ -181,7 +181,7 @@ def gather_grouped_wgrad_kernel(
 @triton.jit
 def adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, factors_ptr, scale_ptr, inf_ptr, N,
-    lr, beta1, beta2, eps, weight_decay,
+    beta1, beta2, eps, weight_decay,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -190,6 +190,7 @@ def adamw_kernel(
     mask = offsets < N
     step_size = tl.load(factors_ptr)  # lr / (1 − β1^step)
     bias_correction2_sqrt = tl.load(factors_ptr + 1)  # √(1 − β2^step)
+    lr = tl.load(factors_ptr + 2)  # the learning rate in fp32
     p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)

@@ -221,6 +221,7 @@ class TrainConfig(_StrictModel):
     freeze: FreezeMode = "none"
     precision: TrainPrecision = "auto"
     compile: bool = False
+    cuda_graph: bool = False
     activation_checkpointing: bool = False
     deterministic: bool = False
     seed: int = Field(0, ge=0)

@@ -116,8 +116,10 @@ class AdamW(torch.optim.AdamW):
     pass of its own, which reads its gradient without writing the rescaled gradient back (torch's
     kernel does, with `grad_scale`: after a step, small tensors hold the rescaled gradient and
     large ones the gradient as it was). Everything else (small tensors, sparse gradients, groups
-    with amsgrad, maximize, capturable, differentiable or tensor hyperparameters, DTensor shards)
-    goes to torch's fused kernel, first: an error there leaves the large tensors untouched.
+    with amsgrad, maximize, differentiable or tensor betas, a learning rate in a tensor other than
+    one float32 value, DTensor shards) goes to torch's fused kernel, first: an error there leaves
+    the large tensors untouched. Capturable groups and a float32 learning-rate tensor (how
+    `upcycle.train.cuda_graph` replays a whole step) take the Triton pass too.
     Measured in bench/RESULTS.md (seventh round).
     """
 
@@ -142,8 +144,12 @@ class AdamW(torch.optim.AdamW):
     def _ours(self, group: dict) -> list[torch.Tensor]:
         """The parameters of `group` that the Triton kernel updates, their state created as
         torch would create it."""
-        plain = not (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"])
-        if not plain or any(isinstance(v, torch.Tensor) for v in (group["lr"], *group["betas"])):
+        # capturable groups qualify: this path keeps its step counts and factors on the device
+        plain = not (group["amsgrad"] or group["maximize"] or group["differentiable"])
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and (lr.numel() != 1 or lr.dtype != torch.float32):
+            return []
+        if not plain or any(isinstance(v, torch.Tensor) for v in group["betas"]):
             return []
         ours = []
         for param in group["params"]:
@@ -198,13 +204,15 @@ class AdamW(torch.optim.AdamW):
             state = self.state[param]
             adamw_kernel.adamw_(
                 param, param.grad, state["exp_avg"], state["exp_avg_sq"], row,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
             )  # fmt: skip
         if found_inf is not None:
             torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float | torch.Tensor) -> None:
+    """Every group's learning rate: a float, or a one-value tensor that the groups share
+    (a CUDA-graphed step fills it with each step's value)."""
     for group in optimizer.param_groups:
         group["lr"] = lr

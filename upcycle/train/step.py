@@ -22,6 +22,9 @@ as not stepping), and only then does the host wait, for the copy alone, while th
 the optimiser step to run. The next step's kernels are queued behind it instead of after an idle
 gap. The non-finite decision and its messages are those of the plain order.
 
+With `cuda_graph` (`train.cuda_graph`, one GPU) steps 2-5 of every step after a short warm-up
+are one replayed CUDA graph (`upcycle.train.cuda_graph`); the values are read after it.
+
 Shape letters: B batch, S sequence, E experts.
 """
 
@@ -39,6 +42,7 @@ from upcycle.errors import UpcycleError
 from upcycle.kernels.host_copy import HostCopy
 from upcycle.model.moe import MoE
 from upcycle.model.router import Router
+from upcycle.train.cuda_graph import StepGraph, check_supported
 from upcycle.train.distributed import Distributed, set_gradient_sync
 from upcycle.train.expert_parallel import clip_grads, grad_norm
 from upcycle.train.losses import lm_loss, training_loss
@@ -110,6 +114,7 @@ class TrainStep:
         autocast_dtype: torch.dtype | None,
         nonfinite_policy: str = "stop",
         compile_loss: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.distributed = distributed
@@ -122,36 +127,69 @@ class TrainStep:
         # forward and one backward instead of an fp32 copy of the logits and a softmax each way).
         self.lm_loss = torch.compile(lm_loss, dynamic=False) if compile_loss else lm_loss
         self.fold_clip = _folds_clipping(optimizer, self.trainable)
+        # `train.cuda_graph`: every step after a short warm-up replays one captured graph
+        self.graph: StepGraph | None = None
+        if cuda_graph:
+            check_supported(distributed.device, distributed.world_size, self.fold_clip)
+            self.graph = StepGraph(self)
 
     def __call__(self, step: int, micro_batches: list[Batch]) -> StepResult:
         lr = self.schedule(step)
-        set_learning_rate(self.optimizer, lr)
         for router in self.routers:
             router.set_step(step - 1)
-        sums, aux_kinds = self._forward_backward(micro_batches)
+        if self.graph is not None:
+            return self.graph(step, lr, micro_batches)
+        set_learning_rate(self.optimizer, lr)
+        device = self.distributed.device
+        return self.eager_step(step, lr, [model_inputs(batch, device) for batch in micro_batches])
+
+    def eager_step(self, step: int, lr: float, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """Steps 2-5 (module docstring) over (input ids, labels) pairs already on the device,
+        the learning rate already in the optimiser."""
+        sums, aux_kinds = self._forward_backward(inputs)
         norm = self._grad_norm()
-        passes = len(micro_batches) * self.distributed.world_size
+        passes = len(inputs) * self.distributed.world_size
         if self.fold_clip:
             result = self._step_before_reading(step, lr, sums, norm, aux_kinds, passes)
         else:
-            result = self._result(step, lr, self._reduce(sums, norm).tolist(), aux_kinds, passes)
+            result = self.result(step, lr, self._reduce(sums, norm).tolist(), aux_kinds, passes)
             if self._finite(result):
                 self._clip_and_step(norm)
-        if not self._finite(result):
-            if self.nonfinite_policy == "stop":
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"step {step}: the loss is {result.loss} and the gradient norm {result.grad_norm}; "
-                    f"the run stopped before the optimizer step, so the weights are those of step {step - 1}; "
-                    "lower optimizer.lr or check the data, and resume from the last checkpoint"
-                )
-            result.skipped = True
         self.optimizer.zero_grad(set_to_none=True)
+        return self.check_finite(result)
+
+    def check_finite(self, result: StepResult) -> StepResult:
+        """Step 4's outcome for a step whose update was skipped if it was not finite: raise
+        under the stop policy, else mark the result skipped."""
+        if self._finite(result):
+            return result
+        if self.nonfinite_policy == "stop":
+            raise NonFiniteLossError(
+                f"step {result.step}: the loss is {result.loss} and the gradient norm {result.grad_norm}; "
+                f"the run stopped before the optimizer step, so the weights are those of step {result.step - 1}; "
+                "lower optimizer.lr or check the data, and resume from the last checkpoint"
+            )
+        result.skipped = True
         return result
 
     @staticmethod
     def _finite(result: StepResult) -> bool:
         return math.isfinite(result.loss) and math.isfinite(result.grad_norm)
+
+    def device_step(self, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[str]]:
+        """Steps 2-5 with no host synchronisation (a fused AdamW only): the values that
+        `result` reads ([sums..., norm] on the device) and the aux-loss kinds. What
+        `upcycle.train.cuda_graph` captures."""
+        sums, aux_kinds = self._forward_backward(inputs)
+        norm = self._grad_norm()
+        values = self._reduce(sums, norm)
+        self._clip_and_step(norm, self._found_inf(values))
+        return values, aux_kinds
+
+    @staticmethod
+    def _found_inf(values: torch.Tensor) -> torch.Tensor:
+        """1.0 on the device where the loss (first value) or the norm (last) is not finite."""
+        return (~(torch.isfinite(values[0]) & torch.isfinite(values[-1]))).float()
 
     def _step_before_reading(
         self,
@@ -166,10 +204,9 @@ class TrainStep:
         optimiser step guarded on the device by `found_inf`, then read the values."""
         values = self._reduce(sums, norm)
         pending = HostCopy(values)
-        found_inf = (~(torch.isfinite(values[0]) & torch.isfinite(values[-1]))).float()
         stateless = [p for p in self.trainable if p not in self.optimizer.state]
-        self._clip_and_step(norm, found_inf)
-        result = self._result(step, lr, pending.tolist(), aux_kinds, passes)
+        self._clip_and_step(norm, self._found_inf(values))
+        result = self.result(step, lr, pending.tolist(), aux_kinds, passes)
         if not self._finite(result):
             # a skipped first step still created AdamW's state (zero moments, step 0): drop it,
             # so that checkpoints hold what the plain order leaves, no state at all
@@ -204,14 +241,16 @@ class TrainStep:
             for name in flags:
                 delattr(self.optimizer, name)
 
-    def _forward_backward(self, micro_batches: list[Batch]) -> tuple[list[torch.Tensor], list[str]]:
-        """Run every micro-batch; return detached sums [total, lm, aux kinds..., expert loads...]."""
+    def _forward_backward(
+        self, inputs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        """Run every micro-batch ((input ids, labels) on the device); return detached sums
+        [total, lm, aux kinds..., expert loads...]."""
         device = self.distributed.device
         sums: list[torch.Tensor] | None = None
         aux_kinds: list[str] = []
-        for index, batch in enumerate(micro_batches):
-            set_gradient_sync(self.model, index == len(micro_batches) - 1)
-            input_ids_BS, labels_BS = model_inputs(batch, device)
+        for index, (input_ids_BS, labels_BS) in enumerate(inputs):
+            set_gradient_sync(self.model, index == len(inputs) - 1)
             with autocast_context(device, self.autocast_dtype):
                 output = self.model(input_ids_BS)
             parts = training_loss(output, labels_BS, self.lm_loss)
@@ -221,7 +260,7 @@ class TrainStep:
             stats += [moe.expert_load for _, moe in self.moe_layers]
             stats = [s.detach().reshape(-1).to(torch.float64) for s in stats]
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
-            (parts.total / len(micro_batches)).backward()
+            (parts.total / len(inputs)).backward()
         assert sums is not None, "a step needs at least one micro-batch"
         return sums, aux_kinds
 
@@ -235,7 +274,7 @@ class TrainStep:
         flat = self.distributed.all_reduce_sum(torch.cat(sums))
         return torch.cat([flat, norm.detach().reshape(1).to(flat)])
 
-    def _result(
+    def result(
         self, step: int, lr: float, values: list[float], aux_kinds: list[str], passes: int
     ) -> StepResult:
         """Means over the `passes` forward passes (micro-batches × ranks) of the step."""
@@ -248,9 +287,12 @@ class TrainStep:
         return StepResult(step, total / passes, lm / passes, aux, values[-1], lr, expert_load=loads)
 
 
-def benchmark_step(model: nn.Module, distributed: Distributed, compile_loss: bool = False) -> TrainStep:
+def benchmark_step(
+    model: nn.Module, distributed: Distributed, compile_loss: bool = False, cuda_graph: bool = False
+) -> TrainStep:
     """The step bench/train_step.py and bench/scaling.py time: AdamW (fused on CUDA) at a constant
-    learning rate of 1e-4, clipping at 1.0, bf16 autocast on CUDA (fp32 elsewhere)."""
+    learning rate of 1e-4, clipping at 1.0, bf16 autocast on CUDA (fp32 elsewhere); `cuda_graph`
+    replays the whole step as one CUDA graph (`upcycle.train.cuda_graph`)."""
     from upcycle.train.config import OptimizerConfig
     from upcycle.train.optim import build_optimizer
 
@@ -263,4 +305,5 @@ def benchmark_step(model: nn.Module, distributed: Distributed, compile_loss: boo
         clip_grad_norm=1.0,
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
         compile_loss=compile_loss,
+        cuda_graph=cuda_graph,
     )

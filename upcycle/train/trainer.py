@@ -154,6 +154,7 @@ class Trainer:
             autocast_dtype=self.autocast_dtype,
             nonfinite_policy=config.nonfinite.policy,
             compile_loss=config.compile,
+            cuda_graph=config.cuda_graph,
         )
         self.checkpointer = Checkpointer(
             output / "checkpoints", config.checkpoint.keep_last_k, distributed, plan.model_config

@@ -1,0 +1,166 @@
+"""`train.cuda_graph` (upcycle/train/cuda_graph.py): the whole step replayed as one CUDA graph.
+
+On the CPU: the refusals (no CUDA device, several processes, no fused AdamW), each one sentence
+with the fix, raised before `train` writes anything.
+
+On a GPU (gpu marker, run by bench/gpu_tests.sh): a tiny bf16-weights MoE trained with replayed
+steps against the same model trained eagerly, both with the weight gradients on
+`torch._grouped_mm` (what a captured step uses) and attention on the math backend (cuDNN's
+backward adds with atomics, so not even two eager runs agree bit for bit), the learning rate
+exact in fp32 (so the eager run's float is the graph's tensor value): every step's loss, norm and
+expert loads, then weights, moments and step counts, bit for bit, with a batch of another shape
+in between (an eager step), with eager and with compiled blocks; a non-finite step inside the
+graph skipped, weights and optimiser state untouched, under both policies; and `train` with
+`cuda_graph: true` against `train` without.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_train_helpers import prepared_data_fixture, train_config, train_records  # noqa: F401
+
+from upcycle.data import Batch
+from upcycle.errors import UpcycleError
+from upcycle.kernels import grouped_moe
+from upcycle.model import ModelConfig, Transformer
+from upcycle.model.init import init_weights
+from upcycle.train import NonFiniteLossError, TrainStep, WarmupCosine, train
+from upcycle.train.build import cast_to_bf16_weights, compile_blocks
+from upcycle.train.config import OptimizerConfig
+from upcycle.train.cuda_graph import WARMUP_STEPS, check_supported
+from upcycle.train.distributed import Distributed
+from upcycle.train.optim import build_optimizer
+
+CONFIG = ModelConfig(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2,
+    moe={"num_experts": 4, "top_k": 2, "routing": "topk_softmax", "aux_loss": "switch", "aux_loss_coef": 0.01},
+)  # fmt: skip
+LR = 2.0**-10  # exact in fp32: the tensor learning rate of a graphed step is then the float itself
+
+
+def needs_gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+def test_refusals_name_the_fix() -> None:
+    cases = [
+        (torch.device("cpu"), 1, True, "needs a CUDA device; set cuda_graph: false"),
+        (torch.device("cuda"), 2, True, "one GPU in one process; set cuda_graph: false"),
+        (torch.device("cuda"), 1, False, "needs the fused AdamW"),
+    ]
+    for device, world_size, fused, message in cases:
+        with pytest.raises(UpcycleError, match=message):
+            check_supported(device, world_size, fused)
+    check_supported(torch.device("cuda"), 1, True)  # what it serves
+
+
+def test_train_refuses_cuda_graph_on_the_cpu_before_writing(prepared_data, tmp_path) -> None:
+    config = train_config(prepared_data, tmp_path / "out", cuda_graph=True)
+    with pytest.raises(UpcycleError, match=r"train\.cuda_graph needs a CUDA device") as error:
+        train(config, quiet=True)
+    assert error.value.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def _batches(count: int, seq_len: int = 64, seed: int = 0) -> list[Batch]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        tokens = torch.randint(0, CONFIG.vocab_size, (4, seq_len + 1), generator=generator)
+        out.append(Batch(tokens[:, :-1], tokens[:, 1:], torch.zeros(4, dtype=torch.long)))
+    return out
+
+
+def _step(graphed: bool, compiled: bool = False, nonfinite: str = "stop") -> TrainStep:
+    device = torch.device("cuda")
+    model = init_weights(Transformer(CONFIG), seed=0).to(device).train()
+    cast_to_bf16_weights(model)
+    if compiled:
+        compile_blocks(model)
+    return TrainStep(
+        model, build_optimizer(model, OptimizerConfig(lr=LR, weight_decay=0.1), device),
+        WarmupCosine(LR, 0, 10**9, 1.0), Distributed(device=device),
+        clip_grad_norm=1.0, autocast_dtype=torch.bfloat16, compile_loss=compiled,
+        nonfinite_policy=nonfinite, cuda_graph=graphed,
+    )  # fmt: skip
+
+
+def _state(step: TrainStep) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for p in step.model.parameters()]
+    for p in step.model.parameters():
+        state = step.optimizer.state.get(p, {})
+        tensors += [state[k].clone() for k in ("exp_avg", "exp_avg_sq", "step") if k in state]
+    return tensors
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """Both runs on `torch._grouped_mm` weight gradients and the math attention backend."""
+    monkeypatch.setattr(grouped_moe, "WGRAD_LOOP_MAX_EXPERTS", 0)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        yield
+
+
+@needs_gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-blocks", "compiled-blocks"])
+@pytest.mark.usefixtures("deterministic")
+def test_replayed_steps_match_eager_steps_bit_for_bit(compiled: bool) -> None:
+    data = _batches(7)
+    short = _batches(1, seq_len=32, seed=1)[0]
+    order = [*data[:5], short, *data[5:]]  # a batch of another shape after the capture: eager
+    graphed, eager = _step(True, compiled), _step(False, compiled)
+    ours = [graphed(index + 1, [batch]) for index, batch in enumerate(order)]
+    theirs = [eager(index + 1, [batch]) for index, batch in enumerate(order)]
+    # steps 1-2 warm up, 3 is captured and replayed, 4-5 and 7-8 replay, 6 (short) runs eagerly
+    assert graphed.graph.replays == len(order) - WARMUP_STEPS - 1
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a.loss, a.grad_norm, a.aux_losses, a.expert_load) == (
+            b.loss,
+            b.grad_norm,
+            b.aux_losses,
+            b.expert_load,
+        )
+        assert not a.skipped and math.isfinite(a.loss)
+    assert ours[-1].loss < ours[0].loss
+    for index, (x, y) in enumerate(zip(_state(graphed), _state(eager), strict=True)):
+        assert torch.equal(x, y), (index, tuple(x.shape), (x.float() - y.float()).abs().max().item())
+
+
+@needs_gpu
+def test_a_nonfinite_replayed_step_changes_nothing() -> None:
+    for policy in ("skip", "stop"):
+        step = _step(True, nonfinite=policy)
+        data = _batches(5)
+        for index in range(WARMUP_STEPS + 1):
+            step(index + 1, [data[index]])
+        assert step.graph.graph is not None
+        with torch.no_grad():  # in place: the graph reads the same storage
+            step.model.model.embed_tokens.weight[data[3].input_ids_BS[0, 0]] = float("inf")
+        before = _state(step)
+        if policy == "stop":
+            with pytest.raises(NonFiniteLossError, match="step 4"):
+                step(4, [data[3]])
+        else:
+            assert step(4, [data[3]]).skipped
+        after = _state(step)
+        assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True) if not x.isinf().any())
+        assert all(torch.equal(x.isinf(), y.isinf()) for x, y in zip(before, after, strict=True))
+
+
+@needs_gpu
+def test_train_with_cuda_graph(prepared_data, tmp_path) -> None:
+    """The trainer's graphed run follows its eager run (learning rates rounded to fp32 and the
+    weight gradients on another kernel: close, not bit for bit)."""
+    runs = {}
+    for graphed in (False, True):
+        config = train_config(
+            prepared_data, tmp_path / str(graphed), stop={"max_steps": 6}, cuda_graph=graphed, compile=True
+        )
+        train(config, quiet=True)
+        runs[graphed] = [r["loss"] for r in train_records(tmp_path / str(graphed))]
+    assert len(runs[True]) == 6 and all(math.isfinite(v) for v in runs[True])
+    assert runs[True] == pytest.approx(runs[False], rel=2e-2)

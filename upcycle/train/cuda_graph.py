@@ -1,0 +1,180 @@
+"""`train.cuda_graph`: the whole training step (forward, backward, gradient norm, clipping, AdamW)
+replayed as one CUDA graph, so that the host launches one graph a step instead of thousands of
+kernels.
+
+Why: a compiled MoE step issues its kernels about as fast as an H100 runs them, so the step time
+follows the host CPU (bench/RESULTS.md, seventh and eighth rounds: the same code 53.8 ms on one
+machine, 64–79 ms on others, with the GPU waiting for launches in every backward block). A
+replayed graph costs the host microseconds, whatever its speed.
+
+How a step runs with `cuda_graph`:
+1. The micro-batches are copied into static input tensors (one (input ids, labels) pair per
+   micro-batch, allocated for the first shape seen), the scheduled learning rate into a float32
+   tensor that every optimiser group holds as its `lr`, and each router's step into its buffer.
+2. The first `WARMUP_STEPS` steps run eagerly on a side stream, from those same tensors: they
+   compile the blocks, create the optimiser's state and initialise every library lazily, as
+   capture requires.
+3. The next step is captured (`TrainStep.device_step`: forward and backward of each micro-batch,
+   gradient norm, the device-side `found_inf` guard, AdamW with clipping folded in), then
+   replayed; every later step of the same shapes is a replay.
+4. After each replay the values (loss parts, expert loads, norm) are read, as in the eager step,
+   and a non-finite step (whose update the `found_inf` guard already skipped inside the graph)
+   stops the run or is marked skipped.
+
+What changes inside the step: the per-expert weight-gradient GEMMs of few-expert MoE layers need
+row counts on the host, which a graph cannot read, so a captured step computes them with
+`torch._grouped_mm` from the counts on the device (`grouped_moe.wants_host_counts`): the same
+products, summed by another kernel. The learning rate reaches the optimiser as a float32 tensor
+(`upcycle.train.optim.AdamW` and torch's fused kernel read it on the device), i.e. rounded to
+fp32 where the eager step uses the float: bit for bit the same update where the rate is exact in
+fp32, otherwise within that rounding. Everything else is the eager step's code and kernels.
+
+Steps of another shape than the captured one (a last, shorter batch) run eagerly; loading an
+optimiser state (`load_state_dict`, on resume) drops the graph, which the next step captures
+again after its warm-up. The graph holds its activations and gradients in a memory pool of its
+own. Needs one CUDA device, one process, a fused AdamW over plain tensors (the default on CUDA);
+`TrainStep` refuses anything else.
+
+Tested on the GPU (tests/test_train_gpu.py): replayed steps against eager steps of the same
+model, data and tensor learning rate, with the weight gradients on `torch._grouped_mm` in both,
+weights and optimiser state bit for bit after several steps; a shorter batch falling back to
+eager; a non-finite step skipped inside the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from upcycle.data import Batch
+from upcycle.errors import UpcycleError
+from upcycle.kernels.host_copy import HostCopy
+from upcycle.train.optim import set_learning_rate
+
+# Eager steps on the capture stream before the first capture: the first compiles the blocks and
+# creates the optimiser's state, the second runs everything once more as it will be captured.
+WARMUP_STEPS = 2
+
+
+def check_supported(device: torch.device, world_size: int, fused_adamw: bool) -> None:
+    """Refuse, in one sentence with the fix, a run the graphed step cannot serve."""
+    if device.type != "cuda":
+        raise UpcycleError("train.cuda_graph needs a CUDA device; set cuda_graph: false on this machine")
+    if world_size != 1:
+        raise UpcycleError(
+            "train.cuda_graph runs on one GPU in one process; set cuda_graph: false for distributed training"
+        )
+    if not fused_adamw:
+        raise UpcycleError(
+            "train.cuda_graph needs the fused AdamW over plain tensors; remove optimizer.fused: false "
+            "or set cuda_graph: false"
+        )
+
+
+def _key(micro_batches: list[Batch]) -> tuple:
+    return tuple(
+        (tuple(b.input_ids_BS.shape), b.input_ids_BS.dtype, tuple(b.labels_BS.shape), b.labels_BS.dtype)
+        for b in micro_batches
+    )
+
+
+def _load(static: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy `source` into `static` without waiting for the GPU (host tensors through
+    page-locked memory, as `upcycle.train.step.to_device`)."""
+    if source.device.type == "cpu" and not source.is_pinned():
+        source = source.pin_memory()
+    static.copy_(source, non_blocking=True)
+
+
+class StepGraph:
+    """The graphed step of one `TrainStep` (`owner`), called as `(step, lr, micro_batches)`."""
+
+    def __init__(self, owner) -> None:
+        device = owner.distributed.device
+        self.owner = owner
+        self.stream = torch.cuda.Stream(device)
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.key: tuple | None = None
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.values: torch.Tensor | None = None
+        self.aux_kinds: list[str] = []
+        self.warm_steps = 0
+        self.replays = 0
+        owner.optimizer.register_load_state_dict_post_hook(lambda optimizer: self.reset())
+
+    def reset(self) -> None:
+        """Drop the graph (its memory pool goes with it); the next step warms up and captures
+        again."""
+        self.graph, self.values, self.warm_steps = None, None, 0
+
+    def __call__(self, step: int, lr: float, micro_batches: list[Batch]):
+        owner = self.owner
+        self.lr.fill_(lr)
+        set_learning_rate(owner.optimizer, self.lr)
+        key = _key(micro_batches)
+        device = owner.distributed.device
+        if self.graph is not None and key != self.key:
+            # another shape than the captured one: an eager step, the graph kept for the next
+            from upcycle.train.step import model_inputs
+
+            return owner.eager_step(step, lr, [model_inputs(b, device) for b in micro_batches])
+        if key != self.key:
+            self.key = key
+            self.inputs = [
+                (
+                    torch.empty_like(b.input_ids_BS, device=device),
+                    torch.empty_like(b.labels_BS, device=device),
+                )
+                for b in micro_batches
+            ]
+        for (ids, labels), batch in zip(self.inputs, micro_batches, strict=True):
+            _load(ids, batch.input_ids_BS)
+            _load(labels, batch.labels_BS)
+        if self.graph is None and self.warm_steps < WARMUP_STEPS:
+            self.warm_steps += 1
+            with self._on_stream():
+                return owner.eager_step(step, lr, self.inputs)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        self.replays += 1
+        passes = len(micro_batches)
+        result = owner.result(step, lr, HostCopy(self.values).tolist(), self.aux_kinds, passes)
+        return owner.check_finite(result)
+
+    @contextlib.contextmanager
+    def _on_stream(self):
+        """Run on the capture stream, ordered after (and before) the current stream's work."""
+        current = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
+
+    def _capture(self) -> None:
+        owner = self.owner
+        optimizer = owner.optimizer
+        # gradients are then allocated inside the graph's pool, and written (not accumulated)
+        # by every replay
+        optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        for group in optimizer.param_groups:
+            group["capturable"] = True
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                values, aux_kinds = owner.device_step(self.inputs)
+        except Exception as error:
+            optimizer.zero_grad(set_to_none=True)
+            raise UpcycleError(
+                f"train.cuda_graph: the training step could not be captured as a CUDA graph "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                "set cuda_graph: false"
+            ) from error
+        finally:
+            for group in optimizer.param_groups:
+                group["capturable"] = False
+        self.graph, self.values, self.aux_kinds = graph, values, aux_kinds
+        # the warm-up steps' activations sit in the ordinary pool, which the graph does not use
+        torch.cuda.empty_cache()
