@@ -241,9 +241,11 @@ def attention_case(variant: str, compiled: bool, device: torch.device, smoke: bo
     return step
 
 
-def step_case(case: str, compiled: bool, device: torch.device, smoke: bool):
+def step_case(case: str, compiled: bool, device: torch.device, smoke: bool, cuda_graph: bool = False):
     train_step = load_script("train_step")
-    args = argparse.Namespace(compile=compiled, batch=2 if smoke else 8, seq_len=32 if smoke else 2048)
+    args = argparse.Namespace(
+        compile=compiled, batch=2 if smoke else 8, seq_len=32 if smoke else 2048, cuda_graph=cuda_graph
+    )
     config = train_step.case_configs(smoke)[case]
     _, runner = train_step.build_step(case, config, args, device)
     batches = train_step.random_batches(config, 1, args.batch, args.seq_len, device)
@@ -385,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", nargs="?", choices=["moe", "dense", "attention", "step"])
     parser.add_argument("case", nargs="?", help="S1/S2/S3; dense/expert-KV/shared-KV; mixtral/...")
     parser.add_argument("--compile", action="store_true", help="profile the torch.compiled version")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="step: replay the whole step as one CUDA graph (train.cuda_graph)",
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
@@ -408,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         elif what == "attention":
             step = attention_case(case, args.compile, device, smoke)
         else:
-            step = step_case(case, args.compile, device, smoke)
-        label = f"{what} {case}{' compiled' if args.compile else ''} on {device.type}"
+            step = step_case(case, args.compile, device, smoke, args.cuda_graph)
+        graphed = " as one CUDA graph" if args.cuda_graph and what == "step" and device.type == "cuda" else ""
+        label = f"{what} {case}{' compiled' if args.compile else ''}{graphed} on {device.type}"
         result = profile(step, device, args.warmup, args.steps, args.top, label)
         if args.host or smoke:
             result.host_wall_ms_per_step, result.host_top = host_profile(step, device, args.steps, args.top)

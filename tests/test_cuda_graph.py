@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from test_train_helpers import prepared_data_fixture, train_config, train_records  # noqa: F401
+from test_train_helpers import DENSE, prepared_data_fixture, train_config, train_records  # noqa: F401
 
 from upcycle.data import Batch
 from upcycle.errors import UpcycleError
@@ -47,15 +47,26 @@ def needs_gpu(test):
 
 
 def test_refusals_name_the_fix() -> None:
+    grouped = Transformer(CONFIG)
+    eager = Transformer(
+        CONFIG.model_copy(update={"moe": CONFIG.moe.model_copy(update={"implementation": "eager"})})
+    )
     cases = [
-        (torch.device("cpu"), 1, True, "needs a CUDA device; set cuda_graph: false"),
-        (torch.device("cuda"), 2, True, "one GPU in one process; set cuda_graph: false"),
-        (torch.device("cuda"), 1, False, "needs the fused AdamW"),
+        (torch.device("cpu"), 1, True, grouped, "needs a CUDA device; set cuda_graph: false"),
+        (torch.device("cuda"), 2, True, grouped, "one GPU in one process; set cuda_graph: false"),
+        (torch.device("cuda"), 1, False, grouped, "needs the fused AdamW"),
+        (
+            torch.device("cuda"),
+            1,
+            True,
+            eager,
+            "set moe.implementation: auto or grouped, or cuda_graph: false",
+        ),
     ]
-    for device, world_size, fused, message in cases:
+    for device, world_size, fused, model, message in cases:
         with pytest.raises(UpcycleError, match=message):
-            check_supported(device, world_size, fused)
-    check_supported(torch.device("cuda"), 1, True)  # what it serves
+            check_supported(device, world_size, fused, model)
+    check_supported(torch.device("cuda"), 1, True, grouped)  # what it serves
 
 
 def test_train_refuses_cuda_graph_on_the_cpu_before_writing(prepared_data, tmp_path) -> None:
@@ -158,8 +169,9 @@ def test_train_with_cuda_graph(prepared_data, tmp_path) -> None:
     runs = {}
     for graphed in (False, True):
         config = train_config(
-            prepared_data, tmp_path / str(graphed), stop={"max_steps": 6}, cuda_graph=graphed, compile=True
-        )
+            prepared_data, tmp_path / str(graphed), {**DENSE, "moe": {"num_experts": 4, "top_k": 2}},
+            stop={"max_steps": 6}, cuda_graph=graphed, compile=True,
+        )  # fmt: skip
         train(config, quiet=True)
         runs[graphed] = [r["loss"] for r in train_records(tmp_path / str(graphed))]
     assert len(runs[True]) == 6 and all(math.isfinite(v) for v in runs[True])

@@ -57,6 +57,7 @@ output widths of one grouped GEMM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -331,14 +332,30 @@ def token_rows(order_A: torch.Tensor, K: int) -> torch.Tensor:
 def wants_host_counts(x_TD: torch.Tensor, num_experts: int) -> bool:
     """Whether the weight gradients take one GEMM per expert (`WGRAD_LOOP_MAX_EXPERTS`), for
     which the forward pass starts the copy of the row counts to the host. Never while a CUDA
-    graph is captured (`upcycle.train.cuda_graph`): a replay would reuse the counts of the
-    capture, and the backward pass could not wait for them; `torch._grouped_mm` then computes
-    the weight gradients from the counts on the device."""
+    graph is captured or inside `device_counts_only` (`upcycle.train.cuda_graph`): a replay
+    would reuse the counts of the capture, and the backward pass could not wait for them;
+    `torch._grouped_mm` then computes the weight gradients from the counts on the device."""
     return (
         x_TD.is_cuda
         and num_experts <= WGRAD_LOOP_MAX_EXPERTS
+        and not _device_counts_only
         and not torch.cuda.is_current_stream_capturing()
     )
+
+
+_device_counts_only = 0
+
+
+@contextlib.contextmanager
+def device_counts_only():
+    """Inside: no host counts (`wants_host_counts` is False), as in a captured CUDA graph; the
+    step that warms up a capture runs this way, so that it runs what the graph will."""
+    global _device_counts_only
+    _device_counts_only += 1
+    try:
+        yield
+    finally:
+        _device_counts_only -= 1
 
 
 def sizes_from_offsets(offsets_E: list[int]) -> list[int]:

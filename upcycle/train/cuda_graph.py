@@ -13,7 +13,10 @@ How a step runs with `cuda_graph`:
    tensor that every optimiser group holds as its `lr`, and each router's step into its buffer.
 2. The first `WARMUP_STEPS` steps run eagerly on a side stream, from those same tensors: they
    compile the blocks, create the optimiser's state and initialise every library lazily, as
-   capture requires.
+   capture requires. The last of them runs exactly what will be captured (no host counts) with
+   torch's synchronisation check set to raise: a step that would wait for the host (a layer
+   that reads a value on the host) stops there with a traceback and one sentence, instead of
+   invalidating a capture.
 3. The next step is captured (`TrainStep.device_step`: forward and backward of each micro-batch,
    gradient norm, the device-side `found_inf` guard, AdamW with clipping folded in), then
    replayed; every later step of the same shapes is a replay.
@@ -32,8 +35,9 @@ fp32, otherwise within that rounding. Everything else is the eager step's code a
 Steps of another shape than the captured one (a last, shorter batch) run eagerly; loading an
 optimiser state (`load_state_dict`, on resume) drops the graph, which the next step captures
 again after its warm-up. The graph holds its activations and gradients in a memory pool of its
-own. Needs one CUDA device, one process, a fused AdamW over plain tensors (the default on CUDA);
-`TrainStep` refuses anything else.
+own. Needs one CUDA device, one process, a fused AdamW over plain tensors (the default on CUDA)
+and MoE layers on the grouped experts (`moe.implementation: auto` or `grouped`; the eager ones
+read row counts on the host); `TrainStep` refuses anything else.
 
 Tested on the GPU (tests/test_train_gpu.py): replayed steps against eager steps of the same
 model, data and tensor learning rate, with the weight gradients on `torch._grouped_mm` in both,
@@ -49,7 +53,9 @@ import torch
 
 from upcycle.data import Batch
 from upcycle.errors import UpcycleError
+from upcycle.kernels import grouped_moe
 from upcycle.kernels.host_copy import HostCopy
+from upcycle.model.moe import MoE
 from upcycle.train.optim import set_learning_rate
 
 # Eager steps on the capture stream before the first capture: the first compiles the blocks and
@@ -57,7 +63,7 @@ from upcycle.train.optim import set_learning_rate
 WARMUP_STEPS = 2
 
 
-def check_supported(device: torch.device, world_size: int, fused_adamw: bool) -> None:
+def check_supported(device: torch.device, world_size: int, fused_adamw: bool, model: torch.nn.Module) -> None:
     """Refuse, in one sentence with the fix, a run the graphed step cannot serve."""
     if device.type != "cuda":
         raise UpcycleError("train.cuda_graph needs a CUDA device; set cuda_graph: false on this machine")
@@ -70,6 +76,23 @@ def check_supported(device: torch.device, world_size: int, fused_adamw: bool) ->
             "train.cuda_graph needs the fused AdamW over plain tensors; remove optimizer.fused: false "
             "or set cuda_graph: false"
         )
+    if any(getattr(m, "implementation", None) == "eager" and isinstance(m, MoE) for m in model.modules()):
+        raise UpcycleError(
+            "train.cuda_graph needs the grouped MoE experts (the eager ones read row counts on the host, "
+            "which a CUDA graph cannot); set moe.implementation: auto or grouped, or cuda_graph: false"
+        )
+
+
+@contextlib.contextmanager
+def _host_reads_refused():
+    """torch's synchronisation check set to raise: a step that would stall a capture fails here,
+    before it, with a Python traceback, instead of invalidating the capture."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _key(micro_batches: list[Batch]) -> tuple:
@@ -116,9 +139,12 @@ class StepGraph:
         key = _key(micro_batches)
         device = owner.distributed.device
         if self.graph is not None and key != self.key:
-            # another shape than the captured one: an eager step, the graph kept for the next
+            # another shape than the captured one: an eager step, the graph kept for the next.
+            # The gradients of the last replay are still the parameters' (the graph's buffers):
+            # let go of them, or backward would add to them.
             from upcycle.train.step import model_inputs
 
+            owner.optimizer.zero_grad(set_to_none=True)
             return owner.eager_step(step, lr, [model_inputs(b, device) for b in micro_batches])
         if key != self.key:
             self.key = key
@@ -132,15 +158,32 @@ class StepGraph:
         for (ids, labels), batch in zip(self.inputs, micro_batches, strict=True):
             _load(ids, batch.input_ids_BS)
             _load(labels, batch.labels_BS)
+        passes = len(micro_batches)
         if self.graph is None and self.warm_steps < WARMUP_STEPS:
             self.warm_steps += 1
-            with self._on_stream():
-                return owner.eager_step(step, lr, self.inputs)
+            owner.optimizer.zero_grad(set_to_none=True)
+            if self.warm_steps < WARMUP_STEPS:
+                with self._on_stream():
+                    return owner.eager_step(step, lr, self.inputs)
+            # the last warm-up runs what the capture will, with host reads refused
+            with self._on_stream(), grouped_moe.device_counts_only():
+                try:
+                    with _host_reads_refused():
+                        values, aux_kinds = owner.device_step(self.inputs)
+                except RuntimeError as error:
+                    if "synchronizing CUDA operation" not in str(error):
+                        raise
+                    raise UpcycleError(
+                        "train.cuda_graph: the training step waits for the host (the traceback shows "
+                        "where), which a CUDA graph cannot replay; set cuda_graph: false"
+                    ) from error
+                result = owner.result(step, lr, HostCopy(values).tolist(), aux_kinds, passes)
+            owner.optimizer.zero_grad(set_to_none=True)
+            return owner.check_finite(result)
         if self.graph is None:
             self._capture()
         self.graph.replay()
         self.replays += 1
-        passes = len(micro_batches)
         result = owner.result(step, lr, HostCopy(self.values).tolist(), self.aux_kinds, passes)
         return owner.check_finite(result)
 

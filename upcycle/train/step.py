@@ -130,7 +130,7 @@ class TrainStep:
         # `train.cuda_graph`: every step after a short warm-up replays one captured graph
         self.graph: StepGraph | None = None
         if cuda_graph:
-            check_supported(distributed.device, distributed.world_size, self.fold_clip)
+            check_supported(distributed.device, distributed.world_size, self.fold_clip, model)
             self.graph = StepGraph(self)
 
     def __call__(self, step: int, micro_batches: list[Batch]) -> StepResult:
