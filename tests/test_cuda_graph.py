@@ -5,8 +5,9 @@ with the fix, raised before `train` writes anything.
 
 On a GPU (gpu marker, run by bench/gpu_tests.sh): a tiny bf16-weights MoE trained with replayed
 steps against the same model trained eagerly, both with the weight gradients on
-`torch._grouped_mm` (what a captured step uses) and attention on the math backend (cuDNN's
-backward adds with atomics, so not even two eager runs agree bit for bit), the learning rate
+`torch._grouped_mm` (what a captured step uses), attention on the math backend and torch's
+deterministic algorithms (cuDNN's attention backward and inductor's scatter-adds add with
+atomics, so not even two eager runs would agree bit for bit), the learning rate
 exact in fp32 (so the eager run's float is the graph's tensor value): every step's loss, norm and
 expert loads, then weights, moments and step counts, bit for bit, with a batch of another shape
 in between (an eager step), with eager and with compiled blocks; a non-finite step inside the
@@ -112,8 +113,18 @@ def _state(step: TrainStep) -> list[torch.Tensor]:
 def deterministic(monkeypatch):
     """Both runs on `torch._grouped_mm` weight gradients and the math attention backend."""
     monkeypatch.setattr(grouped_moe, "WGRAD_LOOP_MAX_EXPERTS", 0)
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        yield
+    # inductor's scatter-adds use atomics unless deterministic algorithms are asked for: two
+    # eager runs of the compiled blocks differ from the second step on without this
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 @needs_gpu

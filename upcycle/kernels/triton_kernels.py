@@ -207,3 +207,39 @@ def adamw_kernel(
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cross_entropy_kernel(
+    logits_ptr, labels_ptr, count_ptr, losses_ptr, V, stride, ignore_index,
+    BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    label = tl.load(labels_ptr + row)
+    # pass 1: each lane's running maximum and sum of exponentials (online softmax)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    for block in range(NUM_BLOCKS):
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        top = tl.maximum(m, x)
+        empty = top == float("-inf")  # masked lanes so far: no exp(-inf - -inf)
+        s = tl.where(empty, 0.0, s * tl.exp(m - top) + tl.exp(x - top))
+        m = top
+    top = tl.max(m, 0)
+    lse = top + tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - top)), 0))
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < V)
+    # a label outside the vocabulary gives a NaN loss (the step's non-finite check stops it)
+    picked = tl.load(base + label, mask=in_range & ~ignored, other=float("nan")).to(tl.float32)
+    tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - picked))
+    count = tl.load(count_ptr).to(tl.float32)
+    # pass 2: the gradient of the mean loss, (softmax − one-hot) / count, over the logits
+    for block in range(NUM_BLOCKS):
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+        g = tl.where(ignored, 0.0, tl.div_rn(g, count))
+        tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)

@@ -52,9 +52,14 @@ def training_loss(
     """Cross-entropy plus every aux loss; aux losses also summed per kind for logging.
 
     `cross_entropy` is `lm_loss` or a compiled copy of it (`TrainStep(compile_loss=True)`)."""
-    lm = cross_entropy(output.logits, labels_BS)
+    return combine_losses(cross_entropy(output.logits, labels_BS), output.aux_losses)
+
+
+def combine_losses(lm: torch.Tensor, aux_losses: dict[str, torch.Tensor]) -> LossParts:
+    """The LM loss plus every aux loss, the aux losses also summed per kind (`training_loss`;
+    `upcycle.train.step` calls it directly with the fused LM-head cross-entropy)."""
     aux_by_kind: dict[str, torch.Tensor] = {}
-    for name, value in output.aux_losses.items():
+    for name, value in aux_losses.items():
         kind = aux_kind(name)
         aux_by_kind[kind] = aux_by_kind.get(kind, 0) + value.float()
     total = lm + sum(aux_by_kind.values()) if aux_by_kind else lm

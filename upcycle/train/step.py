@@ -4,7 +4,9 @@ bench/train_step.py.
 Order inside a step, and why:
 1. write the scheduled learning rate into the optimiser; tell every router the step (only
    sample_top1 reads it: its temperature decays with the step);
-2. for each micro-batch: forward under autocast (bf16 on CUDA) or in fp32, loss = lm + Σ aux,
+2. for each micro-batch: forward under autocast (bf16 on CUDA) or in fp32, loss = lm + Σ aux
+   (on one CUDA device the LM head and its cross-entropy are one function that writes the
+   loss's gradient over the logits: `upcycle.kernels.cross_entropy`),
    backward of loss / micro-batches; FSDP2 reduce-scatters only after the last micro-batch, and
    averages over ranks, so the gradient is the mean over the whole global batch;
 3. the global gradient norm (before clipping), then ONE host synchronisation that fetches the
@@ -39,13 +41,16 @@ from torch import nn
 
 from upcycle.data import Batch
 from upcycle.errors import UpcycleError
+from upcycle.kernels import cross_entropy
+from upcycle.kernels.cross_entropy import linear_cross_entropy
 from upcycle.kernels.host_copy import HostCopy
 from upcycle.model.moe import MoE
 from upcycle.model.router import Router
+from upcycle.model.transformer import Transformer
 from upcycle.train.cuda_graph import StepGraph, check_supported
 from upcycle.train.distributed import Distributed, set_gradient_sync
 from upcycle.train.expert_parallel import clip_grads, grad_norm
-from upcycle.train.losses import lm_loss, training_loss
+from upcycle.train.losses import combine_losses, lm_loss, training_loss
 from upcycle.train.optim import AdamW, set_learning_rate
 from upcycle.train.schedule import WarmupCosine
 
@@ -126,6 +131,15 @@ class TrainStep:
         # `train.compile`: the cross-entropy over the vocabulary is compiled too (one fused pass
         # forward and one backward instead of an fp32 copy of the logits and a softmax each way).
         self.lm_loss = torch.compile(lm_loss, dynamic=False) if compile_loss else lm_loss
+        # one CUDA device: the LM head and its cross-entropy in one function, the loss's gradient
+        # written over the logits in the forward pass (`upcycle.kernels.cross_entropy`); not
+        # under FSDP, whose hooks run on the model's own forward
+        self.fused_lm_loss = (
+            distributed.world_size == 1
+            and isinstance(model, Transformer)
+            and distributed.device.type == "cuda"
+            and cross_entropy.triton_installed()
+        )
         self.fold_clip = _folds_clipping(optimizer, self.trainable)
         # `train.cuda_graph`: every step after a short warm-up replays one captured graph
         self.graph: StepGraph | None = None
@@ -251,9 +265,15 @@ class TrainStep:
         aux_kinds: list[str] = []
         for index, (input_ids_BS, labels_BS) in enumerate(inputs):
             set_gradient_sync(self.model, index == len(inputs) - 1)
-            with autocast_context(device, self.autocast_dtype):
-                output = self.model(input_ids_BS)
-            parts = training_loss(output, labels_BS, self.lm_loss)
+            if self.fused_lm_loss:
+                with autocast_context(device, self.autocast_dtype):
+                    h_BSD, aux_losses = self.model.hidden_states(input_ids_BS)
+                    lm = linear_cross_entropy(h_BSD, self.model.output_weight, labels_BS)
+                parts = combine_losses(lm, aux_losses)
+            else:
+                with autocast_context(device, self.autocast_dtype):
+                    output = self.model(input_ids_BS)
+                parts = training_loss(output, labels_BS, self.lm_loss)
             aux_kinds = sorted(parts.aux_by_kind)
             # Read before backward: activation checkpointing re-runs the forward in backward.
             stats = [parts.total, parts.lm, *(parts.aux_by_kind[k] for k in aux_kinds)]

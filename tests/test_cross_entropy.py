@@ -1,0 +1,140 @@
+"""The fused LM head + cross-entropy (`upcycle.kernels.cross_entropy`).
+
+- The kernel, through Triton's CPU interpreter, against fp64: each row's loss within fp32's error,
+  the gradient written over the logits within one bf16 rounding of (softmax − one-hot) / count,
+  ignored rows zero, a vocabulary that does not fill its last block, and a label outside the
+  vocabulary giving NaN.
+- The autograd function, in the interpreter: the loss of torch's computation (`reference`, the
+  same bf16 logits) within fp32 rounding; dh and dW against fp64, no further from it than
+  torch's own bf16 computation is, with incoming gradients 1 and 0.5.
+- Without the interpreter on the CPU, `linear_cross_entropy` is `reference`.
+- On a GPU: `TrainStep` with the fused loss against the same step with torch's loss, and the
+  kernel counted, so that a fallback cannot pass for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from triton_helpers import run_interpreted
+
+from upcycle.kernels import cross_entropy
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed"
+)
+
+
+def fp64_reference(x, w, labels):
+    """Loss, per-row gradient of the logits, dx and dW of the mean cross-entropy, in fp64."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    logits = (x64 @ w64.t()).requires_grad_(True)
+    logits.retain_grad()
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    loss.backward()
+    return loss.detach(), logits.grad, x64.grad, w64.grad
+
+
+INTERPRETED = """
+import math
+import torch
+from test_cross_entropy import fp64_reference
+from upcycle.kernels import cross_entropy as ce
+
+def bf16_ulp(t):
+    t = t.to(torch.bfloat16).float()
+    up = torch.nextafter(t.to(torch.bfloat16), torch.full_like(t, math.inf).to(torch.bfloat16)).float()
+    return (up - t).abs().double()
+
+calls = []
+launch = ce.cross_entropy_rows_
+ce.cross_entropy_rows_ = lambda *a: (calls.append(a[0].shape), launch(*a))[1]
+g = torch.Generator().manual_seed(0)
+for T, D, V in ((37, 16, 1000), (20, 32, 5000)):   # one block; two blocks, the last partial
+    x = (torch.randn(T, D, generator=g) * 2).to(torch.bfloat16)
+    w = torch.randn(V, D, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, V, (T,), generator=g)
+    labels[3] = -100
+    labels[7] = -100
+    logits = (x.float() @ w.float().t()).to(torch.bfloat16)   # what the GEMM stores
+    count = (labels != -100).sum().float()
+    buffer = logits.clone()
+    losses = ce.cross_entropy_rows_(buffer, labels, count)
+    exact = torch.log_softmax(logits.double(), -1)
+    expected_rows = -exact.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    expected_rows[labels == -100] = 0
+    assert torch.allclose(losses.double(), expected_rows, rtol=5e-7, atol=1e-6), (losses - expected_rows).abs().max()
+    grad = (exact.exp() - torch.nn.functional.one_hot(labels.clamp(min=0), V).double()) / count.double()
+    grad[labels == -100] = 0
+    error = (buffer.double() - grad).abs()
+    # one bf16 rounding of the exact value, plus fp32's error on softmax terms of size 1/count
+    assert bool((error <= bf16_ulp(grad) + 1e-6 / float(count)).all()), float((error - bf16_ulp(grad)).max())
+    assert torch.equal(buffer[3], torch.zeros(V, dtype=torch.bfloat16))
+
+    # the autograd function: no further from fp64 than torch's bf16 computation
+    for scale in (1.0, 0.5):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = ce.linear_cross_entropy(xs[None], ws, labels[None])
+        (loss * scale).backward()
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ref = ce.reference(xr[None], wr, labels[None])
+        (ref * scale).backward()
+        loss64, _, dx64, dw64 = fp64_reference(x, w, labels)
+        # the same bf16 logits as torch's: the same loss up to fp32 rounding
+        assert abs(float(loss) - float(ref)) <= 2e-6 * abs(float(ref)), (float(loss), float(ref))
+        for ours, theirs, exact64 in ((xs.grad, xr.grad, dx64 * scale), (ws.grad, wr.grad, dw64 * scale)):
+            assert ours.dtype == torch.bfloat16 and ours.shape == exact64.shape
+            ours_error = float((ours.double() - exact64).norm())
+            torch_error = float((theirs.double() - exact64).norm())
+            assert ours_error <= 1.25 * torch_error + 1e-12, (ours_error, torch_error)
+
+# a label outside the vocabulary: NaN, not a read out of bounds
+buffer = torch.zeros(2, 100, dtype=torch.bfloat16)
+losses = ce.cross_entropy_rows_(buffer, torch.tensor([5, 100]), torch.tensor(2.0))
+assert math.isfinite(float(losses[0])) and math.isnan(float(losses[1]))
+assert len(calls) == 2 + 2 * 2 + 1, calls
+print("interpreted ok")
+"""
+
+
+@needs_triton
+def test_kernel_and_function_in_the_interpreter_against_fp64() -> None:
+    assert "interpreted ok" in run_interpreted(INTERPRETED, timeout=300)
+
+
+def test_without_the_kernel_it_is_torchs_computation() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 5, 8, generator=g), torch.randn(50, 8, generator=g)
+    labels = torch.randint(0, 50, (2, 5), generator=g)
+    labels[0, 0] = -100
+    if cross_entropy.applies(x):
+        pytest.skip("the fused kernel applies here")
+    got = cross_entropy.linear_cross_entropy(x, w, labels)
+    expected = torch.nn.functional.cross_entropy((x @ w.t()).flatten(0, 1), labels.flatten())
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_step_with_the_fused_loss_matches_torchs_loss(monkeypatch) -> None:
+    """One step of a bf16-weights MoE: the same loss (fp32 rounding), the same gradient norm and
+    weights within bf16 roundings of the logits' gradient."""
+    from test_cuda_graph import _batches, _step
+
+    calls = []
+    launch = cross_entropy.cross_entropy_rows_
+    monkeypatch.setattr(cross_entropy, "cross_entropy_rows_", lambda *a: (calls.append(1), launch(*a))[1])
+    fused, plain = _step(False), _step(False)
+    plain.fused_lm_loss = False
+    assert fused.fused_lm_loss
+    data = _batches(2)
+    for index, batch in enumerate(data):
+        a, b = fused(index + 1, [batch]), plain(index + 1, [batch])
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-2)
+    assert len(calls) == len(data)
+    for p, q in zip(fused.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p.float(), q.float(), rtol=0.02, atol=2e-3)
