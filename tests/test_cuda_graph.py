@@ -5,13 +5,12 @@ with the fix, raised before `train` writes anything.
 
 On a GPU (gpu marker, run by bench/gpu_tests.sh): a tiny bf16-weights MoE trained with replayed
 steps against the same model trained eagerly, both with the weight gradients on
-`torch._grouped_mm` (what a captured step uses), attention on the math backend and torch's
-deterministic algorithms (cuDNN's attention backward and inductor's scatter-adds add with
-atomics, so not even two eager runs would agree bit for bit), the learning rate
-exact in fp32 (so the eager run's float is the graph's tensor value): every step's loss, norm and
-expert loads, then weights, moments and step counts, bit for bit, with a batch of another shape
-in between (an eager step), with eager and with compiled blocks; a non-finite step inside the
-graph skipped, weights and optimiser state untouched, under both policies; and `train` with
+`torch._grouped_mm` (what a captured step uses), attention on the math backend (cuDNN's backward
+adds with atomics) and the learning rate exact in fp32 (so the eager run's float is the graph's
+tensor value): every step's loss, norm and expert loads, then weights, moments and step counts,
+bit for bit, with a batch of another shape in between (an eager step). Compiled blocks, which
+are not deterministic on the GPU, within the spread of two eager runs. A non-finite step inside
+the graph skipped, weights and optimiser state untouched, under both policies; and `train` with
 `cuda_graph: true` against `train` without.
 """
 
@@ -127,29 +126,53 @@ def deterministic(monkeypatch):
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-@needs_gpu
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager-blocks", "compiled-blocks"])
-@pytest.mark.usefixtures("deterministic")
-def test_replayed_steps_match_eager_steps_bit_for_bit(compiled: bool) -> None:
+def _order() -> list[Batch]:
     data = _batches(7)
     short = _batches(1, seq_len=32, seed=1)[0]
-    order = [*data[:5], short, *data[5:]]  # a batch of another shape after the capture: eager
-    graphed, eager = _step(True, compiled), _step(False, compiled)
+    return [*data[:5], short, *data[5:]]  # a batch of another shape after the capture: eager
+
+
+@needs_gpu
+@pytest.mark.usefixtures("deterministic")
+def test_replayed_steps_match_eager_steps_bit_for_bit() -> None:
+    order = _order()
+    graphed, eager = _step(True), _step(False)
     ours = [graphed(index + 1, [batch]) for index, batch in enumerate(order)]
     theirs = [eager(index + 1, [batch]) for index, batch in enumerate(order)]
     # steps 1-2 warm up, 3 is captured and replayed, 4-5 and 7-8 replay, 6 (short) runs eagerly
     assert graphed.graph.replays == len(order) - WARMUP_STEPS - 1
-    for a, b in zip(ours, theirs, strict=True):
-        assert (a.loss, a.grad_norm, a.aux_losses, a.expert_load) == (
-            b.loss,
-            b.grad_norm,
-            b.aux_losses,
-            b.expert_load,
+    for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        got, expected = (
+            (a.loss, a.grad_norm, a.aux_losses, a.expert_load),
+            (b.loss, b.grad_norm, b.aux_losses, b.expert_load),
         )
+        assert got == expected, f"step {index + 1}: {got} != {expected}"
         assert not a.skipped and math.isfinite(a.loss)
     assert ours[-1].loss < ours[0].loss
     for index, (x, y) in enumerate(zip(_state(graphed), _state(eager), strict=True)):
         assert torch.equal(x, y), (index, tuple(x.shape), (x.float() - y.float()).abs().max().item())
+
+
+@needs_gpu
+@pytest.mark.usefixtures("deterministic")
+def test_replayed_compiled_blocks_stay_within_the_eager_runs_own_spread() -> None:
+    """Compiled blocks are not deterministic on the GPU (two eager runs part from the second
+    step on: inductor's kernels add with atomics; H100, run R): the graphed run's losses must be
+    as close to one eager run's as a second eager run's are (4x, and at least 1e-4 relative),
+    while a replay of the wrong inputs or a stale weight would be off by far more."""
+    order = _order()
+    graphed = _step(True, compiled=True)
+    ours, eager, again = (
+        [step(index + 1, [batch]).loss for index, batch in enumerate(order)]
+        for step in (graphed, _step(False, compiled=True), _step(False, compiled=True))
+    )
+    assert graphed.graph.replays == len(order) - WARMUP_STEPS - 1
+    spread = max(abs(a - b) for a, b in zip(eager, again, strict=True))
+    for index, (a, b) in enumerate(zip(ours, eager, strict=True)):
+        assert abs(a - b) <= max(4 * spread, 1e-4 * abs(b)), (
+            f"step {index + 1}: {a} vs {b} (eager spread {spread})"
+        )
+    assert ours[-1] < ours[0]
 
 
 @needs_gpu

@@ -7,9 +7,10 @@ torch computes it, the [T, V] logits are read by a softmax in the forward pass a
 and a gradient of the same size written, in the backward pass: 1.5 ms per step of the
 Mixtral-shaped bench model (vocab 32000, 16k tokens) even fused by torch.compile, two passes
 over 1 GiB (bench/RESULTS.md, eighth round). Here one Triton kernel (`cross_entropy_kernel`,
-one program per row) reads each row once for its maximum and sum of exponentials (online
-softmax, fp32), writes that row's loss, and overwrites the row with
-(softmax − one-hot) / (number of label positions), in the logits' dtype: one read and one write.
+one program per row) holds a row of up to 32768 logits in registers for its maximum and sum of
+exponentials (fp32), writes that row's loss, and overwrites the row with
+(softmax − one-hot) / (number of label positions), in the logits' dtype: one read and one write
+(larger vocabularies: blocks of 32768, an online softmax, and a second read).
 The backward pass is then the LM head's two GEMMs on that buffer, dh = G W and dW = G^T h, scaled
 by the incoming gradient afterwards (a [T, D] and a [V, D] tensor, not [T, V]).
 
@@ -37,7 +38,9 @@ import torch.nn.functional as F
 from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, triton_interpreted
 
 IGNORE_INDEX = -100
-_MAX_BLOCK = 4096
+# a vocabulary up to this size is read once into registers (32 values a thread at 32 warps);
+# larger ones in blocks of it, twice
+_MAX_BLOCK = 32768
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -72,11 +75,12 @@ def cross_entropy_rows_(logits_TV: torch.Tensor, labels_T: torch.Tensor, count: 
     if logits_TV.stride(1) != 1:
         raise ValueError("cross_entropy_rows_: the logits' rows must be contiguous")
     block = min(_MAX_BLOCK, max(16, 1 << (V - 1).bit_length()))
+    warps = min(32, max(4, block // 1024))
     tk = kernels()
     with launch_device(logits_TV):
         tk.cross_entropy_kernel[(T,)](
             logits_TV, labels_T.contiguous(), count, losses_T, V, logits_TV.stride(0), IGNORE_INDEX,
-            BLOCK=block, NUM_BLOCKS=tk.triton.cdiv(V, block), num_warps=8,
+            BLOCK=block, NUM_BLOCKS=tk.triton.cdiv(V, block), num_warps=warps,
         )  # fmt: skip
     return losses_T
 
@@ -101,8 +105,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x_TD, w, g_TV = ctx.saved_tensors
         dx = dw = None
         with torch.autocast(x_TD.device.type, enabled=False):
+            # scaled after the cast to the input's dtype, in one pass (computed in fp32 either way)
             if ctx.needs_input_grad[0]:
-                dx = (torch.mm(g_TV, w).float() * grad).to(ctx.x_dtype).view(ctx.x_shape)
+                dx = torch.mm(g_TV, w).to(ctx.x_dtype).mul_(grad).view(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                dw = (torch.mm(g_TV.t(), x_TD).float() * grad).to(ctx.w_dtype)
+                dw = torch.mm(g_TV.t(), x_TD).to(ctx.w_dtype).mul_(grad)
         return dx, dw, None, None

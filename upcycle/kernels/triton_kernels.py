@@ -217,18 +217,24 @@ def cross_entropy_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     label = tl.load(labels_ptr + row)
-    # pass 1: each lane's running maximum and sum of exponentials (online softmax)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], dtype=tl.float32)
-    for block in range(NUM_BLOCKS):
-        cols = block * BLOCK + tl.arange(0, BLOCK)
+    if NUM_BLOCKS == 1:  # the whole row in registers: one read, one write
+        cols = tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        top = tl.maximum(m, x)
-        empty = top == float("-inf")  # masked lanes so far: no exp(-inf - -inf)
-        s = tl.where(empty, 0.0, s * tl.exp(m - top) + tl.exp(x - top))
-        m = top
-    top = tl.max(m, 0)
-    lse = top + tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - top)), 0))
+        top = tl.max(x, 0)
+        lse = top + tl.log(tl.sum(tl.exp(x - top), 0))
+    else:
+        # pass 1: each lane's running maximum and sum of exponentials (online softmax)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        for block in range(NUM_BLOCKS):
+            cols = block * BLOCK + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            top = tl.maximum(m, x)
+            empty = top == float("-inf")  # masked lanes so far: no exp(-inf - -inf)
+            s = tl.where(empty, 0.0, s * tl.exp(m - top) + tl.exp(x - top))
+            m = top
+        top = tl.max(m, 0)
+        lse = top + tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - top)), 0))
     ignored = label == ignore_index
     in_range = (label >= 0) & (label < V)
     # a label outside the vocabulary gives a NaN loss (the step's non-finite check stops it)
@@ -236,10 +242,16 @@ def cross_entropy_kernel(
     tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - picked))
     count = tl.load(count_ptr).to(tl.float32)
     # pass 2: the gradient of the mean loss, (softmax − one-hot) / count, over the logits
-    for block in range(NUM_BLOCKS):
-        cols = block * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < V
-        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    if NUM_BLOCKS == 1:
+        cols = tl.arange(0, BLOCK)
         g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
         g = tl.where(ignored, 0.0, tl.div_rn(g, count))
-        tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
+    else:
+        for block in range(NUM_BLOCKS):
+            cols = block * BLOCK + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+            g = tl.where(ignored, 0.0, tl.div_rn(g, count))
+            tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
