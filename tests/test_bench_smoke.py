@@ -225,3 +225,16 @@ def test_profile_labels_each_kernel_by_the_op_above_its_launch_call(has_linked_i
     by_linked_id = "aten::add" if has_linked_ids else "(unknown launcher)"
     assert [span.label for span in spans] == ["aten::mm", by_linked_id, "(unknown launcher)"]
     assert [row["call"] for row in syncs] == ["cudaStreamSynchronize in aten::mm"]
+
+
+def test_host_lag_smoke_marks_every_block_both_ways() -> None:
+    rows = load_script("host_lag").main(["--tiny"])
+    points = [row[0] for row in rows]
+    assert points[:3] == ["step starts", "forward, block 0", "forward, block 1"]
+    assert (
+        points.index("backward, block 1") < points.index("backward, block 0") < points.index("gradient norm")
+    )
+    assert points[-1] == "optimizer step"
+    assert "weight-gradient loop 1 starts" in points
+    hosts = [row[1] for row in rows]
+    assert hosts == sorted(hosts) and hosts[-1] > 0
