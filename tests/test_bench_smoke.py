@@ -228,7 +228,11 @@ def test_profile_labels_each_kernel_by_the_op_above_its_launch_call(has_linked_i
 
 
 def test_host_lag_smoke_marks_every_block_both_ways() -> None:
+    from upcycle.kernels import grouped_moe
+
+    loop = grouped_moe.grouped_weight_grad
     rows = load_script("host_lag").main(["--tiny"])
+    assert grouped_moe.grouped_weight_grad is loop, "the marks must not outlive the run"
     points = [row[0] for row in rows]
     assert points[:3] == ["step starts", "forward, block 0", "forward, block 1"]
     assert (
