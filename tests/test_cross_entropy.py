@@ -138,3 +138,37 @@ def test_train_step_with_the_fused_loss_matches_torchs_loss(monkeypatch) -> None
     assert len(calls) == len(data)
     for p, q in zip(fused.model.parameters(), plain.model.parameters(), strict=True):
         torch.testing.assert_close(p.float(), q.float(), rtol=0.02, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("vocab", [32000, 50000], ids=["row-in-registers", "blocked"])
+def test_gpu_kernel_rounds_to_nearest(vocab: int) -> None:
+    """On the GPU (round-to-nearest stores, unlike the interpreter's truncation): each gradient
+    element within half a bf16 unit of the fp64 value, plus fp32's error; the row losses within
+    fp32's error; and torch's own bf16 gradient of the same logits at most one unit away."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(64, vocab, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (64,), generator=g, device="cuda")
+    labels[5] = -100
+    count = (labels != -100).sum().float()
+    buffer = logits.clone()
+    losses = cross_entropy.cross_entropy_rows_(buffer, labels, count)
+    exact_log = torch.log_softmax(logits.double(), -1)
+    rows = -exact_log.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    rows[labels == -100] = 0
+    torch.testing.assert_close(losses.double(), rows, rtol=2e-6, atol=2e-6)
+    exact = (
+        exact_log.exp() - torch.nn.functional.one_hot(labels.clamp(min=0), vocab).double()
+    ) / count.double()
+    exact[labels == -100] = 0
+    # half a bf16 unit in the last place of each exact value: |v| in [2^(e-1), 2^e) has units
+    # of 2^(e-8) (8 significant bits)
+    _, exponent = torch.frexp(exact.abs())
+    half_ulp = torch.ldexp(torch.ones_like(exact), exponent - 9)
+    error = (buffer.double() - exact).abs()
+    assert bool((error <= half_ulp + 1e-6 * exact.abs() + 1e-12).all()), float((error - half_ulp).max())
+    reference = logits.float().requires_grad_(True)
+    torch.nn.functional.cross_entropy(reference, labels).backward()
+    theirs = reference.grad.to(torch.bfloat16)
+    assert int((buffer.float() - theirs.float()).abs().gt(2 * half_ulp.float() + 1e-12).sum()) == 0

@@ -47,27 +47,31 @@ def needs_gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
-def test_refusals_name_the_fix() -> None:
+def test_refusals_name_the_fix(monkeypatch) -> None:
     grouped = Transformer(CONFIG)
     eager = Transformer(
         CONFIG.model_copy(update={"moe": CONFIG.moe.model_copy(update={"implementation": "eager"})})
     )
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
     cases = [
-        (torch.device("cpu"), 1, True, grouped, "needs a CUDA device; set cuda_graph: false"),
-        (torch.device("cuda"), 2, True, grouped, "one GPU in one process; set cuda_graph: false"),
-        (torch.device("cuda"), 1, False, grouped, "needs the fused AdamW"),
-        (
-            torch.device("cuda"),
-            1,
-            True,
-            eager,
-            "set moe.implementation: auto or grouped, or cuda_graph: false",
-        ),
+        (torch.device("cpu"), 1, True, grouped, bf16, "needs a CUDA device; set cuda_graph: false"),
+        (cuda, 2, True, grouped, bf16, "one GPU in one process; set cuda_graph: false"),
+        (cuda, 1, False, grouped, bf16, "needs the fused AdamW"),
+        (cuda, 1, True, eager, bf16, "set moe.implementation: auto or grouped, or cuda_graph: false"),
+        # fp32 compute: no native grouped GEMM on any GPU, so the experts would read counts
+        (cuda, 1, True, grouped, torch.float32, "float32 compute do not give .* or cuda_graph: false"),
     ]
-    for device, world_size, fused, model, message in cases:
+    for device, world_size, fused, model, dtype, message in cases:
         with pytest.raises(UpcycleError, match=message):
-            check_supported(device, world_size, fused, model)
-    check_supported(torch.device("cuda"), 1, True, grouped)  # what it serves
+            check_supported(device, world_size, fused, model, dtype)
+    # what it serves: bf16 on a GPU with native grouped GEMMs (simulated here)
+    seen = []
+    monkeypatch.setattr(grouped_moe, "grouped_mm_available", lambda *a: seen.append(a) or True)
+    check_supported(cuda, 1, True, grouped, bf16)
+    assert seen == [(cuda, bf16, (CONFIG.hidden_size, CONFIG.intermediate_size))] * CONFIG.num_hidden_layers
+    monkeypatch.setattr(grouped_moe, "grouped_mm_available", lambda *a: False)
+    with pytest.raises(UpcycleError, match=r"bf16 on compute capability 9\.x or 10\.x"):
+        check_supported(cuda, 1, True, grouped, bf16)
 
 
 def test_train_refuses_cuda_graph_on_the_cpu_before_writing(prepared_data, tmp_path) -> None:

@@ -544,11 +544,11 @@ def grouped_moe(
         )
         return out_TD
     host_counts = None
-    if (
-        native
+    if (  # is_compiling first: the compiled path never reads counts, nor traces the check
+        not torch.compiler.is_compiling()
+        and native
         and wants_host_counts(x_TD, E)
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
     ):
         host_counts = HostCopy(counts_E)  # read by the backward pass
     return _GroupedExperts.apply(

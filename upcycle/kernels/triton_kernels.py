@@ -222,23 +222,29 @@ def cross_entropy_kernel(
         x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         top = tl.max(x, 0)
         lse = top + tl.log(tl.sum(tl.exp(x - top), 0))
+        picked = tl.sum(tl.where(cols == label, x, 0.0), 0)
     else:
         # pass 1: each lane's running maximum and sum of exponentials (online softmax)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], dtype=tl.float32)
+        hit = tl.zeros([BLOCK], dtype=tl.float32)
         for block in range(NUM_BLOCKS):
             cols = block * BLOCK + tl.arange(0, BLOCK)
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            hit += tl.where(cols == label, x, 0.0)
             top = tl.maximum(m, x)
             empty = top == float("-inf")  # masked lanes so far: no exp(-inf - -inf)
             s = tl.where(empty, 0.0, s * tl.exp(m - top) + tl.exp(x - top))
             m = top
         top = tl.max(m, 0)
         lse = top + tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - top)), 0))
+        picked = tl.sum(hit, 0)
     ignored = label == ignore_index
     in_range = (label >= 0) & (label < V)
-    # a label outside the vocabulary gives a NaN loss (the step's non-finite check stops it)
-    picked = tl.load(base + label, mask=in_range & ~ignored, other=float("nan")).to(tl.float32)
+    # the label's logit from the values already read, not loaded again: the row is overwritten
+    # below by other warps, with no barrier in between. A label outside the vocabulary gives a
+    # NaN loss (the step's non-finite check stops it)
+    picked = tl.where(in_range, picked, float("nan"))
     tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - picked))
     count = tl.load(count_ptr).to(tl.float32)
     # pass 2: the gradient of the mean loss, (softmax − one-hot) / count, over the logits

@@ -10,8 +10,10 @@ replayed graph costs the host microseconds, whatever its speed.
 How a step runs with `cuda_graph`:
 1. The micro-batches are copied into static input tensors (one (input ids, labels) pair per
    micro-batch, allocated for the first shape seen), the scheduled learning rate into a float32
-   tensor that every optimiser group holds as its `lr`, and each router's step into its buffer.
-2. The first `WARMUP_STEPS` steps run eagerly on a side stream, from those same tensors: they
+   tensor that every optimiser group holds as its `lr` during the step (the float is put back
+   after it, for checkpoints), and each router's step into its buffer.
+2. The first `WARMUP_STEPS` steps (of one shape: a new shape before the capture starts the
+   warm-up again) run eagerly on a side stream, from those same tensors: they
    compile the blocks, create the optimiser's state and initialise every library lazily, as
    capture requires. The last of them runs exactly what will be captured (no host counts) with
    torch's synchronisation check set to raise: a step that would wait for the host (a layer
@@ -36,13 +38,16 @@ Steps of another shape than the captured one (a last, shorter batch) run eagerly
 optimiser state (`load_state_dict`, on resume) drops the graph, which the next step captures
 again after its warm-up. The graph holds its activations and gradients in a memory pool of its
 own. Needs one CUDA device, one process, a fused AdamW over plain tensors (the default on CUDA)
-and MoE layers on the grouped experts (`moe.implementation: auto` or `grouped`; the eager ones
-read row counts on the host); `TrainStep` refuses anything else.
+and MoE experts on `torch._grouped_mm` without host reads (`moe.implementation: auto` or
+`grouped`, bf16 compute on a GPU of compute capability 9.x or 10.x; elsewhere the experts read
+row counts on the host); `TrainStep` refuses anything else before the first step. An
+out-of-memory error during the capture is raised as it is; a parameter whose optimiser state the
+capture itself would create (its first gradient only then) is refused.
 
-Tested on the GPU (tests/test_train_gpu.py): replayed steps against eager steps of the same
-model, data and tensor learning rate, with the weight gradients on `torch._grouped_mm` in both,
-weights and optimiser state bit for bit after several steps; a shorter batch falling back to
-eager; a non-finite step skipped inside the graph.
+Tested on the GPU (tests/test_cuda_graph.py): replayed steps against eager steps of the same
+model and data, the weight gradients on `torch._grouped_mm` in both: weights and optimiser state
+bit for bit after several steps, with a batch of another shape in between, and with compiled
+blocks; a non-finite step skipped inside the graph; `train` with `cuda_graph: true`.
 """
 
 from __future__ import annotations
@@ -63,8 +68,15 @@ from upcycle.train.optim import set_learning_rate
 WARMUP_STEPS = 2
 
 
-def check_supported(device: torch.device, world_size: int, fused_adamw: bool, model: torch.nn.Module) -> None:
-    """Refuse, in one sentence with the fix, a run the graphed step cannot serve."""
+def check_supported(
+    device: torch.device,
+    world_size: int,
+    fused_adamw: bool,
+    model: torch.nn.Module,
+    compute_dtype: torch.dtype,
+) -> None:
+    """Refuse, in one sentence with the fix, a run the graphed step cannot serve. `compute_dtype`:
+    what the MoE layers will compute in (the autocast dtype, else the weights')."""
     if device.type != "cuda":
         raise UpcycleError("train.cuda_graph needs a CUDA device; set cuda_graph: false on this machine")
     if world_size != 1:
@@ -76,11 +88,20 @@ def check_supported(device: torch.device, world_size: int, fused_adamw: bool, mo
             "train.cuda_graph needs the fused AdamW over plain tensors; remove optimizer.fused: false "
             "or set cuda_graph: false"
         )
-    if any(getattr(m, "implementation", None) == "eager" and isinstance(m, MoE) for m in model.modules()):
-        raise UpcycleError(
-            "train.cuda_graph needs the grouped MoE experts (the eager ones read row counts on the host, "
-            "which a CUDA graph cannot); set moe.implementation: auto or grouped, or cuda_graph: false"
-        )
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        if moe.implementation == "eager":
+            raise UpcycleError(
+                "train.cuda_graph needs the grouped MoE experts (the eager ones read row counts on the "
+                "host, which a CUDA graph cannot); set moe.implementation: auto or grouped, or cuda_graph: false"
+            )
+        widths = tuple(moe.experts.down_proj.shape[1:])
+        if not grouped_moe.grouped_mm_available(device, compute_dtype, widths):
+            raise UpcycleError(
+                f"train.cuda_graph needs the MoE experts on torch._grouped_mm, which this GPU and "
+                f"{str(compute_dtype).removeprefix('torch.')} compute do not give (it takes bf16 on "
+                "compute capability 9.x or 10.x; elsewhere the experts read row counts on the host); "
+                "set precision: bf16 or bf16-weights on such a GPU, or cuda_graph: false"
+            )
 
 
 @contextlib.contextmanager
@@ -136,6 +157,15 @@ class StepGraph:
         owner = self.owner
         self.lr.fill_(lr)
         set_learning_rate(owner.optimizer, self.lr)
+        try:
+            return self._step(step, lr, micro_batches)
+        finally:
+            # the float back where checkpoints and other code read the rate; the graph reads
+            # self.lr, the tensor it captured
+            set_learning_rate(owner.optimizer, lr)
+
+    def _step(self, step: int, lr: float, micro_batches: list[Batch]):
+        owner = self.owner
         key = _key(micro_batches)
         device = owner.distributed.device
         if self.graph is not None and key != self.key:
@@ -146,8 +176,8 @@ class StepGraph:
 
             owner.optimizer.zero_grad(set_to_none=True)
             return owner.eager_step(step, lr, [model_inputs(b, device) for b in micro_batches])
-        if key != self.key:
-            self.key = key
+        if key != self.key:  # a first shape, or a new one before any capture: warm up for it
+            self.key, self.warm_steps = key, 0
             self.inputs = [
                 (
                     torch.empty_like(b.input_ids_BS, device=device),
@@ -192,9 +222,11 @@ class StepGraph:
         """Run on the capture stream, ordered after (and before) the current stream's work."""
         current = torch.cuda.current_stream(self.stream.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            yield
-        current.wait_stream(self.stream)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            current.wait_stream(self.stream)
 
     def _capture(self) -> None:
         owner = self.owner
@@ -203,11 +235,15 @@ class StepGraph:
         # by every replay
         optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        stateful = set(optimizer.state)
         for group in optimizer.param_groups:
             group["capturable"] = True
         try:
             with torch.cuda.graph(graph, stream=self.stream):
                 values, aux_kinds = owner.device_step(self.inputs)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            raise  # the trainer's advice on memory applies as it is
         except Exception as error:
             optimizer.zero_grad(set_to_none=True)
             raise UpcycleError(
@@ -218,6 +254,14 @@ class StepGraph:
         finally:
             for group in optimizer.param_groups:
                 group["capturable"] = False
+        if set(optimizer.state) != stateful:
+            # AdamW creates a parameter's state (zeroed moments) on its first gradient; created
+            # inside the graph, every replay would zero it again
+            optimizer.zero_grad(set_to_none=True)
+            raise UpcycleError(
+                "train.cuda_graph: a parameter got its first gradient only in the captured step, "
+                "so its optimiser state would be reset by every replay; set cuda_graph: false"
+            )
         self.graph, self.values, self.aux_kinds = graph, values, aux_kinds
         # the warm-up steps' activations sit in the ordinary pool, which the graph does not use
         torch.cuda.empty_cache()

@@ -144,7 +144,8 @@ class TrainStep:
         # `train.cuda_graph`: every step after a short warm-up replays one captured graph
         self.graph: StepGraph | None = None
         if cuda_graph:
-            check_supported(distributed.device, distributed.world_size, self.fold_clip, model)
+            compute_dtype = autocast_dtype or next(iter(model.parameters())).dtype
+            check_supported(distributed.device, distributed.world_size, self.fold_clip, model, compute_dtype)
             self.graph = StepGraph(self)
 
     def __call__(self, step: int, micro_batches: list[Batch]) -> StepResult:
