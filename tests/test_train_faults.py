@@ -175,3 +175,18 @@ def test_cuda_out_of_memory_suggests_a_smaller_micro_batch(prepared_data, tmp_pa
     monkeypatch.setattr(TrainStep, "__call__", out_of_memory)
     config = train_config(prepared_data, tmp_path / "out")
     _refusal(tmp_path, config, "at step 1", "micro_batch_size: 2", before_any_output=False)
+
+
+def test_out_of_memory_advice_names_cuda_graph_when_it_is_on():
+    from types import SimpleNamespace
+
+    for micro, graph in ((4, True), (1, True), (4, False)):
+        state = SimpleNamespace(
+            plan=SimpleNamespace(micro_batch_size=micro),
+            _training=True,
+            counters=SimpleNamespace(step=2),
+            config=SimpleNamespace(cuda_graph=graph),
+        )
+        advice = Trainer._out_of_memory_advice(state)
+        assert "at step 3" in advice
+        assert ("cuda_graph: false" in advice) == graph, advice

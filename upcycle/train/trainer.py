@@ -358,15 +358,17 @@ class Trainer:
             return (
                 "CUDA ran out of memory while building the model; use GPUs with more memory or more of them"
             )
+        # a captured step keeps the warm-up's memory and the graph's own pool side by side
+        graph = ", cuda_graph: false" if self.config.cuda_graph else ""
         if micro > 1:
             return (
                 f"CUDA ran out of memory at step {step} with batch.micro_batch_size {micro}; try "
                 f"micro_batch_size: {micro // 2} (gradient accumulation keeps the global batch) "
-                "or activation_checkpointing: true"
+                f"or activation_checkpointing: true{graph}"
             )
         return (
             f"CUDA ran out of memory at step {step} with batch.micro_batch_size 1; try "
-            "activation_checkpointing: true, a shorter data.seq_len, or more GPUs"
+            f"activation_checkpointing: true{graph}, a shorter data.seq_len, or more GPUs"
         )
 
     def _say(self, message: str) -> None:
