@@ -38,10 +38,23 @@ def fp64_reference(x, w, labels):
     return loss.detach(), logits.grad, x64.grad, w64.grad
 
 
+def exact_rows_and_gradient(logits, labels, count):
+    """fp64, from the stored logits: each row's loss (0 where ignored) and the gradient of
+    Σ losses / count."""
+    exact_log = torch.log_softmax(logits.double(), -1)
+    picked = labels.clamp(min=0)
+    rows = -exact_log.gather(1, picked[:, None])[:, 0]
+    grad = (exact_log.exp() - torch.nn.functional.one_hot(picked, logits.shape[-1]).double()) / count.double()
+    ignored = labels == -100
+    rows[ignored] = 0
+    grad[ignored] = 0
+    return rows, grad
+
+
 INTERPRETED = """
 import math
 import torch
-from test_cross_entropy import fp64_reference
+from test_cross_entropy import exact_rows_and_gradient, fp64_reference
 from upcycle.kernels import cross_entropy as ce
 
 def bf16_ulp(t):
@@ -63,12 +76,8 @@ for T, D, V in ((37, 16, 1000), (20, 32, 40000)):   # the row at once; two block
     count = (labels != -100).sum().float()
     buffer = logits.clone()
     losses = ce.cross_entropy_rows_(buffer, labels, count)
-    exact = torch.log_softmax(logits.double(), -1)
-    expected_rows = -exact.gather(1, labels.clamp(min=0)[:, None])[:, 0]
-    expected_rows[labels == -100] = 0
+    expected_rows, grad = exact_rows_and_gradient(logits, labels, count)
     assert torch.allclose(losses.double(), expected_rows, rtol=5e-7, atol=1e-6), (losses - expected_rows).abs().max()
-    grad = (exact.exp() - torch.nn.functional.one_hot(labels.clamp(min=0), V).double()) / count.double()
-    grad[labels == -100] = 0
     error = (buffer.double() - grad).abs()
     # one bf16 rounding of the exact value, plus fp32's error on softmax terms of size 1/count
     assert bool((error <= bf16_ulp(grad) + 1e-6 / float(count)).all()), float((error - bf16_ulp(grad)).max())
@@ -154,14 +163,8 @@ def test_gpu_kernel_rounds_to_nearest(vocab: int) -> None:
     count = (labels != -100).sum().float()
     buffer = logits.clone()
     losses = cross_entropy.cross_entropy_rows_(buffer, labels, count)
-    exact_log = torch.log_softmax(logits.double(), -1)
-    rows = -exact_log.gather(1, labels.clamp(min=0)[:, None])[:, 0]
-    rows[labels == -100] = 0
+    rows, exact = exact_rows_and_gradient(logits, labels, count)
     torch.testing.assert_close(losses.double(), rows, rtol=2e-6, atol=2e-6)
-    exact = (
-        exact_log.exp() - torch.nn.functional.one_hot(labels.clamp(min=0), vocab).double()
-    ) / count.double()
-    exact[labels == -100] = 0
     # half a bf16 unit in the last place of each exact value: |v| in [2^(e-1), 2^e) has units
     # of 2^(e-8) (8 significant bits)
     _, exponent = torch.frexp(exact.abs())
