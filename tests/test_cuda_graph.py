@@ -1,7 +1,11 @@
 """`train.cuda_graph` (upcycle/train/cuda_graph.py): the whole step replayed as one CUDA graph.
 
-On the CPU: the refusals (no CUDA device, several processes, no fused AdamW), each one sentence
-with the fix, raised before `train` writes anything.
+On the CPU: the refusals (no CUDA device, several processes, no fused AdamW, eager experts, no
+native grouped GEMM for the compute dtype), each one sentence with the fix, raised before `train`
+writes anything; and `StepGraph`'s order of work with its CUDA calls recorded (warm-up, one
+capture, replays, the eager fallback without the last replay's gradients, a new shape warmed up
+before its capture, capture failures, a warm-up step that reads the host, the learning rate a
+tensor during a step and the float after it); removing any of these behaviours fails them.
 
 On a GPU (gpu marker, run by bench/gpu_tests.sh): a tiny bf16-weights MoE trained with replayed
 steps against the same model trained eagerly, both with the weight gradients on
@@ -16,7 +20,9 @@ the graph skipped, weights and optimiser state untouched, under both policies; a
 
 from __future__ import annotations
 
+import contextlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +34,7 @@ from upcycle.errors import UpcycleError
 from upcycle.kernels import grouped_moe
 from upcycle.model import ModelConfig, Transformer
 from upcycle.model.init import init_weights
-from upcycle.train import NonFiniteLossError, TrainStep, WarmupCosine, train
+from upcycle.train import NonFiniteLossError, TrainStep, WarmupCosine, cuda_graph, train
 from upcycle.train.build import cast_to_bf16_weights, compile_blocks
 from upcycle.train.config import OptimizerConfig
 from upcycle.train.cuda_graph import WARMUP_STEPS, check_supported
@@ -215,3 +221,189 @@ def test_train_with_cuda_graph(prepared_data, tmp_path) -> None:
         runs[graphed] = [r["loss"] for r in train_records(tmp_path / str(graphed))]
     assert len(runs[True]) == 6 and all(math.isfinite(v) for v in runs[True])
     assert runs[True] == pytest.approx(runs[False], rel=2e-2)
+
+
+class _FakeCuda:
+    """The CUDA calls of `StepGraph`, recorded on the CPU: streams, the graph and its capture,
+    the sync check. `capturing` is True inside a capture."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.log: list[tuple] = []
+        self.capturing = False
+        self.sync_mode = 0
+        fake = self
+
+        class Stream:
+            device = torch.device("cpu")
+
+            def wait_stream(self, other) -> None:
+                fake.log.append(("wait",))
+
+        class Graph:
+            def replay(self) -> None:
+                fake.log.append(("replay",))
+
+        @contextlib.contextmanager
+        def capture(graph, stream=None):
+            self.capturing = True
+            try:
+                yield
+            finally:
+                self.capturing = False
+
+        def set_mode(mode) -> None:
+            self.sync_mode = mode
+
+        for name, value in {
+            "Stream": lambda device=None: Stream(),
+            "current_stream": lambda device=None: Stream(),
+            "stream": lambda stream: contextlib.nullcontext(),
+            "CUDAGraph": Graph,
+            "graph": capture,
+            "empty_cache": lambda: None,
+            "get_sync_debug_mode": lambda: self.sync_mode,
+            "set_sync_debug_mode": set_mode,
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(cuda_graph, "_load", lambda static, source: static.copy_(source))
+        monkeypatch.setattr(cuda_graph, "HostCopy", lambda t: SimpleNamespace(tolist=t.tolist))
+
+
+class _FakeOwner:
+    """What `StepGraph` calls on its `TrainStep`, recording each call and what it saw."""
+
+    def __init__(self, fake: _FakeCuda) -> None:
+        self.fake = fake
+        self.distributed = SimpleNamespace(device=torch.device("cpu"))
+        self.param = torch.nn.Parameter(torch.zeros(3))
+        self.optimizer = torch.optim.AdamW([self.param], lr=1.0)
+        self.fail_capture: Exception | None = None
+        self.new_state_in_capture = False
+
+    def _seen(self) -> dict:
+        group = self.optimizer.param_groups[0]
+        return {
+            "lr": float(group["lr"]) if isinstance(group["lr"], torch.Tensor) else None,
+            "capturable": group["capturable"],
+            "host counts off": grouped_moe._device_counts_only > 0,
+            "sync check": self.fake.sync_mode,
+        }
+
+    def eager_step(self, step, lr, inputs):
+        self.fake.log.append(
+            ("eager", step, tuple(inputs[0][0].shape), self.param.grad is None, self._seen())
+        )
+        self.param.grad = torch.ones(3)  # what a backward leaves
+        return SimpleNamespace(step=step)
+
+    def device_step(self, inputs):
+        kind = "capture" if self.fake.capturing else "warm"
+        self.fake.log.append((kind, tuple(inputs[0][0].shape), self.param.grad is None, self._seen()))
+        if self.fake.capturing and self.fail_capture is not None:
+            raise self.fail_capture
+        if self.fake.capturing and self.new_state_in_capture:
+            self.optimizer.state[torch.nn.Parameter(torch.zeros(1))] = {}
+        self.param.grad = torch.ones(3)
+        return torch.tensor([1.0, 2.0]), []
+
+    def result(self, step, lr, values, aux_kinds, passes):
+        return SimpleNamespace(step=step, values=values)
+
+    def check_finite(self, result):
+        return result
+
+
+def _batch(seq_len: int) -> Batch:
+    tokens = torch.zeros(2, seq_len, dtype=torch.long)
+    return Batch(tokens, tokens, torch.zeros(2, dtype=torch.long))
+
+
+def test_step_graph_warms_up_captures_once_replays_and_falls_back(monkeypatch) -> None:
+    """StepGraph's order of work on the CPU, CUDA calls recorded: two warm-up steps (the second
+    with host counts off and the sync check raising), one capture then replays, a batch of
+    another shape run eagerly without the last replay's gradients, the learning rate a tensor
+    during the step and the float after it, the graph dropped on load_state_dict."""
+    fake = _FakeCuda(monkeypatch)
+    owner = _FakeOwner(fake)
+    graph = cuda_graph.StepGraph(owner)
+    for step, seq_len in enumerate([64, 64, 64, 32, 64], start=1):
+        graph(step, 0.25 * step, [_batch(seq_len)])
+        rate = owner.optimizer.param_groups[0]["lr"]
+        assert type(rate) is float and rate == 0.25 * step  # the float, for checkpoints
+    work = [entry[:3] if entry[0] != "wait" else entry for entry in fake.log]
+    work = [entry for entry in work if entry[0] != "wait"]
+    assert work == [
+        ("eager", 1, (2, 64)),
+        ("warm", (2, 64), True),
+        ("capture", (2, 64), True),
+        ("replay",),
+        ("eager", 4, (2, 32)),
+        ("replay",),
+    ]
+    seen = {
+        entry[0] + str(entry[1]): entry[-1] for entry in fake.log if entry[0] in ("eager", "warm", "capture")
+    }
+    assert seen["eager1"] == {"lr": 0.25, "capturable": False, "host counts off": False, "sync check": 0}
+    assert seen["warm(2, 64)"] == {
+        "lr": 0.5,
+        "capturable": False,
+        "host counts off": True,
+        "sync check": "error",
+    }
+    assert seen["capture(2, 64)"]["capturable"] and seen["capture(2, 64)"]["lr"] == 0.75
+    assert seen["eager4"]["lr"] == 1.0
+    eager4 = next(entry for entry in fake.log if entry[:2] == ("eager", 4))
+    assert eager4[3], "the eager step must start without the replay's gradients"
+    assert graph.replays == 2 and not owner.optimizer.param_groups[0]["capturable"] and fake.sync_mode == 0
+    owner.optimizer.load_state_dict(owner.optimizer.state_dict())
+    assert graph.graph is None and graph.warm_steps == 0
+
+
+def test_step_graph_warms_a_new_shape_up_before_capturing_it(monkeypatch) -> None:
+    fake = _FakeCuda(monkeypatch)
+    graph = cuda_graph.StepGraph(_FakeOwner(fake))
+    for step, seq_len in enumerate([64, 32, 32, 32], start=1):
+        graph(step, 0.1, [_batch(seq_len)])
+    work = [entry[:2] for entry in fake.log if entry[0] != "wait"]
+    assert work == [("eager", 1), ("eager", 2), ("warm", (2, 32)), ("capture", (2, 32)), ("replay",)]
+
+
+@pytest.mark.parametrize("failure", ["error", "out of memory", "state"])
+def test_step_graph_capture_failures(monkeypatch, failure: str) -> None:
+    fake = _FakeCuda(monkeypatch)
+    owner = _FakeOwner(fake)
+    graph = cuda_graph.StepGraph(owner)
+    if failure == "error":
+        owner.fail_capture = RuntimeError("operation not permitted when stream is capturing")
+    elif failure == "out of memory":
+        owner.fail_capture = torch.OutOfMemoryError("CUDA out of memory")
+    else:
+        owner.new_state_in_capture = True
+    for step in (1, 2):
+        graph(step, 0.1, [_batch(8)])
+    expected = {
+        "error": (UpcycleError, "could not be captured as a CUDA graph .*operation not permitted"),
+        "out of memory": (torch.OutOfMemoryError, "CUDA out of memory"),
+        "state": (UpcycleError, "its optimiser state would be reset by every replay"),
+    }[failure]
+    with pytest.raises(expected[0], match=expected[1]):
+        graph(3, 0.1, [_batch(8)])
+    assert graph.graph is None and owner.param.grad is None
+    group = owner.optimizer.param_groups[0]
+    assert not group["capturable"] and type(group["lr"]) is float and group["lr"] == 0.1
+
+
+def test_step_graph_warm_up_refuses_a_step_that_reads_the_host(monkeypatch) -> None:
+    fake = _FakeCuda(monkeypatch)
+    owner = _FakeOwner(fake)
+
+    def reads_the_host(inputs):
+        assert fake.sync_mode == "error"
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    graph = cuda_graph.StepGraph(owner)
+    graph(1, 0.1, [_batch(8)])
+    owner.device_step = reads_the_host
+    with pytest.raises(UpcycleError, match=r"waits for the host .* set cuda_graph: false"):
+        graph(2, 0.1, [_batch(8)])
+    assert fake.sync_mode == 0 and grouped_moe._device_counts_only == 0
