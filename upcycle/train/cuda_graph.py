@@ -44,7 +44,8 @@ row counts on the host); `TrainStep` refuses anything else before the first step
 out-of-memory error during the capture is raised as it is; a parameter whose optimiser state the
 capture itself would create (its first gradient only then) is refused.
 
-Tested on the GPU (tests/test_cuda_graph.py): replayed steps against eager steps of the same
+Tested (tests/test_cuda_graph.py) on the CPU with the CUDA calls recorded (the order of work
+above, the refusals, the failures) and on the GPU: replayed steps against eager steps of the same
 model and data, the weight gradients on `torch._grouped_mm` in both: weights and optimiser state
 bit for bit after several steps, with a batch of another shape in between, and with compiled
 blocks; a non-finite step skipped inside the graph; `train` with `cuda_graph: true`.
