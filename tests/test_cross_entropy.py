@@ -7,6 +7,8 @@
 - The autograd function, in the interpreter: the loss of torch's computation (`reference`, the
   same bf16 logits) within fp32 rounding; dh and dW against fp64, no further from it than
   torch's own bf16 computation is, with incoming gradients 1 and 0.5.
+- `TrainStep`'s fused path in the interpreter (fp32, two micro-batches, aux losses): the loss
+  parts and every gradient of torch's loss.
 - Without the interpreter on the CPU, `linear_cross_entropy` is `reference`.
 - On a GPU: `TrainStep` with the fused loss against the same step with torch's loss, and the
   kernel counted, so that a fallback cannot pass for it.
@@ -175,3 +177,40 @@ def test_gpu_kernel_rounds_to_nearest(vocab: int) -> None:
     torch.nn.functional.cross_entropy(reference, labels).backward()
     theirs = reference.grad.to(torch.bfloat16)
     assert int((buffer.float() - theirs.float()).abs().gt(2 * half_ulp.float() + 1e-12).sum()) == 0
+
+
+IN_THE_STEP = """
+import torch
+from test_train_step_fast import batches, make_step
+from upcycle.kernels import cross_entropy as ce
+from upcycle.train.step import model_inputs
+
+calls = []
+launch = ce.cross_entropy_rows_
+ce.cross_entropy_rows_ = lambda *a: (calls.append(1), launch(*a))[1]
+fused, plain = make_step(False, 1.0), make_step(False, 1.0)
+fused.fused_lm_loss, plain.fused_lm_loss = True, False
+first, second = batches(2)
+# the forward and backward passes of one step, two micro-batches, from the same weights: loss
+# parts and gradients (comparing weights after AdamW would not do: its first updates are about
+# lr · sign(g), which turns last-place differences of tiny gradients into whole steps)
+inputs = [model_inputs(batch, torch.device("cpu")) for batch in (first, second)]
+(sums_a, kinds_a), (sums_b, kinds_b) = fused._forward_backward(inputs), plain._forward_backward(inputs)
+assert kinds_a == kinds_b and kinds_a
+for x, y in zip(sums_a, sums_b, strict=True):
+    torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
+for (name, p), q in zip(fused.model.named_parameters(), plain.model.parameters(), strict=True):
+    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)
+result = fused(1, [first, second])  # and the whole step runs
+assert not result.skipped and abs(result.loss - float(sums_b[0]) / 2) <= 1e-6 * abs(result.loss)
+assert len(calls) == 4, calls
+print("in the step ok")
+"""
+
+
+@needs_triton
+def test_train_step_with_the_fused_loss_in_the_interpreter() -> None:
+    """`TrainStep`'s fused path (hidden states, the LM head's weight, the aux losses beside the
+    fused loss, two micro-batches) in fp32 on the CPU through the interpreter: the loss parts and
+    every gradient of the same passes with torch's loss."""
+    assert "in the step ok" in run_interpreted(IN_THE_STEP, timeout=300)
