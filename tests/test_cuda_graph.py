@@ -289,6 +289,9 @@ class _FakeOwner:
             "sync check": self.fake.sync_mode,
         }
 
+    def device_inputs(self, micro_batches):
+        return [(b.input_ids_BS, b.labels_BS) for b in micro_batches]
+
     def eager_step(self, step, lr, inputs):
         self.fake.log.append(
             ("eager", step, tuple(inputs[0][0].shape), self.param.grad is None, self._seen())

@@ -48,11 +48,16 @@ def applies(x: torch.Tensor) -> bool:
     return triton_installed() and (x.is_cuda or triton_interpreted())
 
 
+def mean_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """torch's mean cross-entropy over the label positions, in fp32 whatever the logits' dtype
+    (`upcycle.train.losses.lm_loss`)."""
+    return F.cross_entropy(logits_BSV.flatten(0, -2).float(), labels_BS.flatten(), ignore_index=IGNORE_INDEX)
+
+
 def reference(x_BSD: torch.Tensor, w_VD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-    """torch's computation: logits by `F.linear` (in the autocast dtype under autocast), then the
-    mean cross-entropy in fp32."""
-    logits = F.linear(x_BSD, w_VD)
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels_BS.flatten(), ignore_index=IGNORE_INDEX)
+    """torch's computation: logits by `F.linear` (in the autocast dtype under autocast), then
+    `mean_cross_entropy`."""
+    return mean_cross_entropy(F.linear(x_BSD, w_VD), labels_BS)
 
 
 def linear_cross_entropy(x_BSD: torch.Tensor, w_VD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,14 @@ from __future__ import annotations
 import torch
 
 
+def page_locked(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` in page-locked memory when it is a pageable host tensor bound for a CUDA `device`
+    (a copy from pageable memory first waits for everything queued on the stream), else `t`."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        return t.pin_memory()
+    return t
+
+
 class HostCopy:
     """A copy of `t` (detached) that reaches host memory without blocking the caller."""
 

@@ -60,7 +60,7 @@ import torch
 from upcycle.data import Batch
 from upcycle.errors import UpcycleError
 from upcycle.kernels import grouped_moe
-from upcycle.kernels.host_copy import HostCopy
+from upcycle.kernels.host_copy import HostCopy, page_locked
 from upcycle.model.moe import MoE
 from upcycle.train.optim import set_learning_rate
 
@@ -127,9 +127,7 @@ def _key(micro_batches: list[Batch]) -> tuple:
 def _load(static: torch.Tensor, source: torch.Tensor) -> None:
     """Copy `source` into `static` without waiting for the GPU (host tensors through
     page-locked memory, as `upcycle.train.step.to_device`)."""
-    if source.device.type == "cpu" and not source.is_pinned():
-        source = source.pin_memory()
-    static.copy_(source, non_blocking=True)
+    static.copy_(page_locked(source, static.device), non_blocking=True)
 
 
 class StepGraph:
@@ -173,10 +171,8 @@ class StepGraph:
             # another shape than the captured one: an eager step, the graph kept for the next.
             # The gradients of the last replay are still the parameters' (the graph's buffers):
             # let go of them, or backward would add to them.
-            from upcycle.train.step import model_inputs
-
             owner.optimizer.zero_grad(set_to_none=True)
-            return owner.eager_step(step, lr, [model_inputs(b, device) for b in micro_batches])
+            return owner.eager_step(step, lr, owner.device_inputs(micro_batches))
         if key != self.key:  # a first shape, or a new one before any capture: warm up for it
             self.key, self.warm_steps = key, 0
             self.inputs = [
@@ -208,15 +204,20 @@ class StepGraph:
                         "train.cuda_graph: the training step waits for the host (the traceback shows "
                         "where), which a CUDA graph cannot replay; set cuda_graph: false"
                     ) from error
-                result = owner.result(step, lr, HostCopy(values).tolist(), aux_kinds, passes)
+                result = self._read(step, lr, values, aux_kinds, passes)
             owner.optimizer.zero_grad(set_to_none=True)
-            return owner.check_finite(result)
+            return result
         if self.graph is None:
             self._capture()
         self.graph.replay()
         self.replays += 1
-        result = owner.result(step, lr, HostCopy(self.values).tolist(), self.aux_kinds, passes)
-        return owner.check_finite(result)
+        return self._read(step, lr, self.values, self.aux_kinds, passes)
+
+    def _read(self, step: int, lr: float, values: torch.Tensor, aux_kinds: list[str], passes: int):
+        """Step 4 (`TrainStep`): the values on the host, then the non-finite decision (the
+        update was already guarded on the device)."""
+        result = self.owner.result(step, lr, HostCopy(values).tolist(), aux_kinds, passes)
+        return self.owner.check_finite(result)
 
     @contextlib.contextmanager
     def _on_stream(self):

@@ -43,7 +43,7 @@ from upcycle.data import Batch
 from upcycle.errors import UpcycleError
 from upcycle.kernels import cross_entropy
 from upcycle.kernels.cross_entropy import linear_cross_entropy
-from upcycle.kernels.host_copy import HostCopy
+from upcycle.kernels.host_copy import HostCopy, page_locked
 from upcycle.model.moe import MoE
 from upcycle.model.router import Router
 from upcycle.model.transformer import Transformer
@@ -80,9 +80,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     for everything queued on the stream (the previous step's optimiser), so host tensors bound for
     a GPU go through page-locked memory, whose copy is queued like a kernel (torch's caching host
     allocator keeps the page-locked block until the copy has run)."""
-    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    return page_locked(t, device).to(device, non_blocking=True)
 
 
 def model_inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +153,11 @@ class TrainStep:
         if self.graph is not None:
             return self.graph(step, lr, micro_batches)
         set_learning_rate(self.optimizer, lr)
-        device = self.distributed.device
-        return self.eager_step(step, lr, [model_inputs(batch, device) for batch in micro_batches])
+        return self.eager_step(step, lr, self.device_inputs(micro_batches))
+
+    def device_inputs(self, micro_batches: list[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(input ids, labels) of each micro-batch on the device (`model_inputs`)."""
+        return [model_inputs(batch, self.distributed.device) for batch in micro_batches]
 
     def eager_step(self, step: int, lr: float, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         """Steps 2-5 (module docstring) over (input ids, labels) pairs already on the device,
