@@ -10,7 +10,7 @@
 # no other file under $OUT, the device tool returns about eight): the Mixtral step (bf16-weights
 # compiled with and without `--cuda-graph`, transformers bf16 eager), where the launched step waits for the host (bench/host_lag.py), both attention
 # variants, the S1, S2 and S3 layers with their CUDA-graph rows, every GPU test, the AdamW step
-# alone (torch's fused kernel against upcycle's) and the compiled bf16-weights step's profile.
+# alone (torch's fused kernel against upcycle's) and the graphed bf16-weights step's profile.
 # `bf16w` diagnoses the compiled bf16-weights step that run G measured host-bound
 # (bench/RESULTS.md, fifth round): graph breaks and recompiles, the step with the router operator
 # switched off, the corrected idle table and the host's Python functions (gpu_profile.py --host)
@@ -82,7 +82,7 @@ if has quick; then
   grep -A40 "^| shape | implementation" "$OUT/moe_layer.txt" | head -40
   timeout 240 bash bench/gpu_tests.sh > "$OUT/gpu_tests.txt" 2>&1; tail -2 "$OUT/gpu_tests.txt"
   timeout 60 python3 bench/optimizer_step.py > "$OUT/optimizer.txt" 2>&1; tail -4 "$OUT/optimizer.txt"
-  timeout 90 python3 bench/gpu_profile.py step mixtral-bf16w --compile --top 60 > "$OUT/profile.md" 2>&1
+  timeout 90 python3 bench/gpu_profile.py step mixtral-bf16w --compile --cuda-graph --top 60 > "$OUT/profile.md" 2>&1
   grep -B2 -A14 "idle" "$OUT/profile.md" | head -40
 fi
 if has bf16w; then
