@@ -10,6 +10,7 @@
 - `gather_gemm`: grouped GEMMs that read token rows by index (opt-in `grouped_moe.GATHER_GEMM`,
   Triton), removing the expert path's three row gathers.
 - `adamw`: AdamW's update of a large tensor in one Triton pass (`upcycle.train.optim.AdamW`).
+- `dispatch`: assignments per expert and the expert-sorted permutation (narrow radix-sort keys).
 - `host_copy`: small device tensors copied to the host without stalling the GPU's queue.
 - `dtypes`: the dtype a matrix product runs in under autocast.
 

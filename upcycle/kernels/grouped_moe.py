@@ -5,7 +5,7 @@ eager loop in `upcycle.model.moe.eager_experts`. Steps, for T tokens each routed
 (A = T·K assignments):
 
 1. `order_A`: stable argsort of the flattened expert indices, so assignments of one expert are
-   contiguous and keep token order. Counts per expert by `scatter_add_` and their cumsum stay
+   contiguous and keep token order. Counts per expert (`dispatch.expert_counts`) and their cumsum stay
    on the device: `torch.bincount` is avoided because on CUDA it reads the maximum back to the
    host, and no `.item()` / `.tolist()` is called on the fast path.
 2. Gather the token rows in that order, `h = [x W_gate^T | x W_up^T]` with one grouped GEMM
@@ -66,6 +66,7 @@ from torch.torch_version import TorchVersion
 
 from upcycle.kernels import swiglu
 from upcycle.kernels.combine import gather_sum
+from upcycle.kernels.dispatch import expert_counts, sort_by_expert
 from upcycle.kernels.gather_gemm import gather_grouped_mm, gather_grouped_wgrad
 from upcycle.kernels.host_copy import HostCopy
 
@@ -518,15 +519,11 @@ def grouped_moe(
     `_GroupedExperts`, which keeps one [A, P] tensor per layer for backward and, training the
     experts with `KEEP_DISPATCHED_ROWS`, one [A, D] tensor.
     """
-    T, K = indices_TK.shape
     E, _, D = w_in_EPD.shape
     F = w_down_EDF.shape[-1]
-    A = T * K
     expert_A = indices_TK.reshape(-1)
-    order_A = torch.argsort(expert_A, stable=True)
-    inverse_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(A, device=order_A.device))
-    counts_E = torch.zeros(E, dtype=torch.int64, device=x_TD.device)
-    counts_E.scatter_add_(0, expert_A, torch.ones_like(expert_A))
+    order_A, inverse_A = sort_by_expert(expert_A, E)
+    counts_E = expert_counts(indices_TK, E)
 
     native = grouped_mm_available(x_TD.device, x_TD.dtype, (D, F))
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32) if native else None

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle.kernels import router_gemm
+from upcycle.kernels.dispatch import expert_counts
 
 
 @dataclass
@@ -165,13 +166,6 @@ class Router(nn.Module):
             tau = sample_top1_temperature(self.step, self.sample_top1_decay).to(logits_TE.dtype)
             return sample_top1(logits_TE, tau, self.training)
         raise ValueError(f"unknown routing {self.routing!r}")
-
-
-def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert [E] (int64), without the host sync of CUDA's `bincount`."""
-    flat_A = indices_TK.reshape(-1)
-    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_A.device)
-    return counts_E.scatter_add_(0, flat_A, torch.ones_like(flat_A))
 
 
 def expert_capacity(num_tokens: int, top_k: int, capacity_factor: float, num_experts: int) -> int:

@@ -58,8 +58,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from upcycle.kernels.dispatch import expert_counts, sort_by_expert
 from upcycle.model.moe import Experts, MoE, eager_experts
-from upcycle.model.router import expert_counts
 
 
 @dataclass(frozen=True)
@@ -163,10 +163,7 @@ class ExpertDispatch:
 
         # Assignments sorted by expert are grouped by owning rank, then by local expert.
         expert_A = indices_TK.reshape(-1)
-        order_A = torch.argsort(expert_A, stable=True)
-        inverse_A = torch.empty_like(order_A).scatter_(
-            0, order_A, torch.arange(order_A.numel(), device=order_A.device)
-        )
+        order_A, inverse_A = sort_by_expert(expert_A, ep * L)
         send_counts_E = expert_counts(indices_TK, ep * L)
         recv_counts_E = torch.empty_like(send_counts_E)  # [source rank, local expert], flattened
         dist.all_to_all_single(recv_counts_E, send_counts_E, group=self.group)
