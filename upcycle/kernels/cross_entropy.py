@@ -70,17 +70,25 @@ def linear_cross_entropy(x_BSD: torch.Tensor, w_VD: torch.Tensor, labels_BS: tor
     return _LinearCrossEntropy.apply(x_BSD, w_VD, labels_BS, dtype)
 
 
-def cross_entropy_rows_(logits_TV: torch.Tensor, labels_T: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def cross_entropy_rows_(
+    logits_TV: torch.Tensor,
+    labels_T: torch.Tensor,
+    count: torch.Tensor,
+    block: int | None = None,
+    warps: int | None = None,
+) -> torch.Tensor:
     """Per-row losses [T] (fp32; 0 where ignored); the logits overwritten by the gradient of
-    Σ losses / count. `count`: one value on the device (no host synchronisation)."""
+    Σ losses / count. `count`: one value on the device (no host synchronisation). `block` and
+    `warps` override the launch configuration (a power of two; bench/cross_entropy.py compares
+    them)."""
     T, V = logits_TV.shape
     losses_T = torch.empty(T, dtype=torch.float32, device=logits_TV.device)
     if T == 0:
         return losses_T
     if logits_TV.stride(1) != 1:
         raise ValueError("cross_entropy_rows_: the logits' rows must be contiguous")
-    block = min(_MAX_BLOCK, max(16, 1 << (V - 1).bit_length()))
-    warps = min(32, max(4, block // 1024))
+    block = block or min(_MAX_BLOCK, max(16, 1 << (V - 1).bit_length()))
+    warps = warps or min(32, max(4, block // 1024))
     tk = kernels()
     with launch_device(logits_TV):
         tk.cross_entropy_kernel[(T,)](
