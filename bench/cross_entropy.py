@@ -34,7 +34,17 @@ from benchlib import environment, run_header, time_calls
 
 H100_BANDWIDTH_TBS = 3.35
 # (block, warps): the default for V = 32000 first (the row in registers), then blocked ones
-CONFIGS = [(32768, 32), (32768, 16), (16384, 16), (16384, 8), (8192, 8), (8192, 4), (4096, 4), (4096, 8), (2048, 4)]
+CONFIGS = [
+    (32768, 32),
+    (32768, 16),
+    (16384, 16),
+    (16384, 8),
+    (8192, 8),
+    (8192, 4),
+    (4096, 4),
+    (4096, 8),
+    (2048, 4),
+]
 
 
 @dataclass
@@ -113,13 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(run_header(device_name))
     print(f"T {T}, V {V}, bf16 logits: {bytes_moved / 1e9:.2f} GB for one read and one write")
-    print("| implementation | ms | TB/s (one read + one write) | of 3.35 TB/s | max |Δ loss| | max |Δ grad| ÷ one rounding | check |")
+    print(
+        "| implementation | ms | TB/s (one read + one write) | of 3.35 TB/s | max |Δ loss| | max |Δ grad| ÷ one rounding | check |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.ms:.3f} | {r.tb_per_s:.2f} | {r.tb_per_s / H100_BANDWIDTH_TBS:.0%} | "
               f"{r.loss_err:.1e} | {r.grad_excess:.2f} | {'ok' if r.ok else 'MISMATCH'} |")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"env": environment(device), "rows": [asdict(r) for r in rows]}, indent=2))
+        args.json.write_text(
+            json.dumps({"env": environment(device), "rows": [asdict(r) for r in rows]}, indent=2)
+        )
     return 0 if all(r.ok for r in rows) else 1
 
 
