@@ -217,12 +217,14 @@ def cross_entropy_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     label = tl.load(labels_ptr + row)
-    if NUM_BLOCKS == 1:  # the whole row in registers: one read, one write
+    if NUM_BLOCKS == 1:  # the whole row in registers: one read, one write, one exp an element
         cols = tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         top = tl.max(x, 0)
-        lse = top + tl.log(tl.sum(tl.exp(x - top), 0))
         picked = tl.sum(tl.where(cols == label, x, 0.0), 0)
+        e = tl.exp(x - top)  # kept for the gradient: softmax = e / Σ e
+        total = tl.sum(e, 0)
+        lse = top + tl.log(total)
     else:
         # pass 1: each lane's running maximum and sum of exponentials (online softmax)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -246,18 +248,18 @@ def cross_entropy_kernel(
     # NaN loss (the step's non-finite check stops it)
     picked = tl.where(in_range, picked, float("nan"))
     tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - picked))
-    count = tl.load(count_ptr).to(tl.float32)
-    # pass 2: the gradient of the mean loss, (softmax − one-hot) / count, over the logits
+    # pass 2: the gradient of the mean loss, (softmax − one-hot) / count, over the logits: per
+    # element a multiply by reciprocals (within fp32's last places of the divisions; the bf16
+    # store rounds far coarser), where IEEE divisions made the pass instruction-bound
+    inv_count = tl.where(ignored, 0.0, tl.div_rn(1.0, tl.load(count_ptr).to(tl.float32)))
     if NUM_BLOCKS == 1:
         cols = tl.arange(0, BLOCK)
-        g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
-        g = tl.where(ignored, 0.0, tl.div_rn(g, count))
+        g = e * (tl.div_rn(1.0, total) * inv_count) - tl.where(cols == label, inv_count, 0.0)
         tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
     else:
         for block in range(NUM_BLOCKS):
             cols = block * BLOCK + tl.arange(0, BLOCK)
             mask = cols < V
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
-            g = tl.where(ignored, 0.0, tl.div_rn(g, count))
+            g = tl.exp(x - lse) * inv_count - tl.where(cols == label, inv_count, 0.0)
             tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
