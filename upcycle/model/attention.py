@@ -45,40 +45,15 @@ class Attention(nn.Module):
         mask_B1SS: torch.Tensor | None,
     ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BSN, k_BSN, v_BSN = self.project_qkv(x_BSD)
-        q_BSHD = q_BSN.view(B, S, self.num_heads, self.head_dim)
-        k_BSHD = k_BSN.view(B, S, self.num_kv_heads, self.head_dim)
-        v_BSHD = v_BSN.view(B, S, self.num_kv_heads, self.head_dim)
+        q_BSHD = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim)
+        k_BSHD = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
+        v_BSHD = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q_BSHD, k_BSHD = self.q_norm(q_BSHD), self.k_norm(k_BSHD)
         q_BHSD = apply_rope(q_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
         k_BHSD = apply_rope(k_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
         out_BHSD = attend(q_BHSD, k_BHSD, v_BSHD.transpose(1, 2), mask_B1SS)
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
-
-    def project_qkv(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k and v: one GEMM over the three weights concatenated when `fuses_qkv`, else three.
-
-        The same dot products either way; one GEMM with N = (H + 2·Hk)·Dh runs the narrow k and v
-        projections (N = Hk·Dh, 256 in perf.md's Mixtral shape) at the wide one's efficiency, in
-        the forward pass and both backward GEMMs (bench/RESULTS.md ninth round). The split's
-        backward is one concatenation, which compiled graphs write in place."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if not fuses_qkv(x_BSD):
-            return tuple(p(x_BSD) for p in projections)
-        weight = torch.cat([p.weight for p in projections])
-        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
-        return F.linear(x_BSD, weight, bias).split([p.out_features for p in projections], dim=-1)
-
-
-# From this many tokens on a GPU, q/k/v run as one GEMM: concatenating the weights costs one copy
-# of them per call, noise beside the GEMM at training sizes but not when decoding a few tokens.
-FUSED_QKV_MIN_TOKENS = 1024
-
-
-def fuses_qkv(x_BSD: torch.Tensor) -> bool:
-    """Whether `Attention.project_qkv` concatenates the weights for the input `x_BSD`."""
-    return x_BSD.is_cuda and x_BSD.shape[:-1].numel() >= FUSED_QKV_MIN_TOKENS
 
 
 def attend(
