@@ -118,13 +118,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x_TD, w, g_TV = ctx.saved_tensors
         dx = dw = None
         with torch.autocast(x_TD.device.type, enabled=False):
+            # scaled after the cast to the input's dtype, in one pass (computed in fp32 either way)
             if ctx.needs_input_grad[0]:
-                dx = torch.mm(g_TV, w).to(ctx.x_dtype)
+                dx = torch.mm(g_TV, w).to(ctx.x_dtype).mul_(grad).view(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                dw = torch.mm(g_TV.t(), x_TD).to(ctx.w_dtype)
-        # scaled after the cast to the inputs' dtypes, computed in fp32, both in one launch (a
-        # plain `mul_` by a 0-dim GPU tensor takes torch's unvectorised broadcasting kernel)
-        scaled = [t for t in (dx, dw) if t is not None]
-        if scaled:
-            torch._foreach_mul_(scaled, grad)
-        return None if dx is None else dx.view(ctx.x_shape), dw, None, None
+                dw = torch.mm(g_TV.t(), x_TD).to(ctx.w_dtype).mul_(grad)
+        return dx, dw, None, None
