@@ -91,6 +91,8 @@ class Profile:
     # `--host`: wall ms per step under cProfile alone, and Python functions by self time per step
     host_wall_ms_per_step: float | None = None
     host_top: list[dict[str, object]] = field(default_factory=list)
+    # `--shapes`: device time by (kernel, the op that launched it, that op's input shapes)
+    by_op_shape: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,33 @@ def profile(step: Callable[[], object], device: torch.device, warmup: int, steps
     )
 
 
+def op_shape_profile(step: Callable[[], object], device: torch.device, steps: int, top: int):
+    """The top (kernel, launching op, its input shapes) by device ms per step: which GEMM of the
+    step is which (a replayed CUDA graph hides its ops, so profile the launched step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    totals: dict[tuple[str, str, str], float] = defaultdict(float)
+    calls: dict[tuple[str, str, str], int] = defaultdict(int)
+    for event in prof.events():
+        for kernel in getattr(event, "kernels", []):
+            key = (kernel.name, event.name, str(event.input_shapes))
+            totals[key] += kernel.duration / 1000 / steps
+            calls[key] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return [
+        {"kernel": k, "op": op, "shapes": shapes, "ms": ms, "calls": calls[(k, op, shapes)] / steps}
+        for (k, op, shapes), ms in ranked
+    ]
+
+
 def host_profile(step: Callable[[], object], device: torch.device, steps: int, top: int):
     """(wall ms per step, the top Python functions by self time) of `steps` steps under cProfile.
     Built-in calls (a C function, a CUDA synchronisation) count as functions of their own, so a
@@ -379,6 +408,18 @@ def report(result: Profile) -> list[str]:
             f"| `{str(r['function'])[:100]}` | {r['self_ms']:.3f} | {r['cum_ms']:.3f} | {r['calls']:g} |"
             for r in result.host_top
         ]
+    if result.by_op_shape:
+        lines += [
+            "",
+            "Device time by kernel, the op that launched it and that op's input shapes (launched step):",
+            "",
+            "| kernel | op | input shapes | ms / step | calls / step |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{str(r['kernel'])[:70]}` | `{r['op']}` | `{str(r['shapes'])[:120]}` | {r['ms']:.3f} | {r['calls']:g} |"
+            for r in result.by_op_shape
+        ]
     return lines
 
 
@@ -396,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--host", action="store_true", help="add the host's Python functions (cProfile)")
+    parser.add_argument(
+        "--shapes",
+        action="store_true",
+        help="add device time by kernel, launching op and its input shapes (not with --cuda-graph)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny cases on the CPU (a test)")
     args = parser.parse_args(argv)
@@ -421,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         result = profile(step, device, args.warmup, args.steps, args.top, label)
         if args.host or smoke:
             result.host_wall_ms_per_step, result.host_top = host_profile(step, device, args.steps, args.top)
+        if args.shapes or smoke:
+            result.by_op_shape = op_shape_profile(step, device, args.steps, args.top)
         results.append(result)
     for result in results:
         print("\n".join(report(result)))
