@@ -58,6 +58,9 @@ def test_compiled_blocks_equal_eager(case):
     eager = init_weights(Transformer(config), seed=0).train()
     compiled = init_weights(Transformer(config), seed=0).train()
     compile_blocks(compiled)
+    # every block and the final norm run compiled; the embedding (deterministic backward) does not
+    compiled_parts = [m for m in compiled.modules() if m._compiled_call_impl is not None]
+    assert compiled_parts == [*compiled.model.layers, compiled.model.norm]
     tokens = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     loss_e, grads_e = _loss_and_grads(eager, tokens)
     loss_c, grads_c = _loss_and_grads(compiled, tokens)
@@ -246,6 +249,9 @@ def test_compiled_bf16_moe_model_runs_its_experts_through_the_operator_and_match
     eager = init_weights(Transformer(config), seed=0).to(torch.bfloat16).train()
     compiled = init_weights(Transformer(config), seed=0).to(torch.bfloat16).train()
     compile_blocks(compiled)
+    # every block and the final norm run compiled; the embedding (deterministic backward) does not
+    compiled_parts = [m for m in compiled.modules() if m._compiled_call_impl is not None]
+    assert compiled_parts == [*compiled.model.layers, compiled.model.norm]
     tokens = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     loss_e, grads_e = _loss_and_grads(eager, tokens)
     assert calls == []  # eager runs _GroupedExperts, not the operator
