@@ -214,3 +214,24 @@ def test_train_step_with_the_fused_loss_in_the_interpreter() -> None:
     fused loss, two micro-batches) in fp32 on the CPU through the interpreter: the loss parts and
     every gradient of the same passes with torch's loss."""
     assert "in the step ok" in run_interpreted(IN_THE_STEP, timeout=300)
+
+
+@needs_triton
+def test_cross_entropy_bench_smoke() -> None:
+    """bench/cross_entropy.py in the interpreter: every launch configuration agrees with fp64 and
+    a table comes out."""
+    out = run_interpreted(
+        "import sys\nsys.path.insert(0, 'bench')\nfrom benchlib import load_script\n"
+        "assert load_script('cross_entropy').main(['--cpu-smoke']) == 0\n"
+    )
+    rows = [
+        line.split(" | ")
+        for line in out.splitlines()
+        if line.startswith("| fused") or line.startswith("| torch")
+    ]
+    assert [r[0] for r in rows] == [
+        "| fused, block 512, 4 warps",
+        "| fused, block 128, 4 warps",
+        "| torch, eager",
+    ]
+    assert all(r[-1] == "ok |" for r in rows)
