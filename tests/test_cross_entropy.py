@@ -235,3 +235,40 @@ def test_cross_entropy_bench_smoke() -> None:
         "| torch, eager",
     ]
     assert all(r[-1] == "ok |" for r in rows)
+
+
+SCALE = """
+import torch
+from upcycle.kernels import cross_entropy as ce
+g = torch.Generator().manual_seed(0)
+s = torch.tensor(0.3, dtype=torch.float32)
+x32 = torch.randn(5000, generator=g)  # a partial second block
+got32 = ce.scale_(x32.clone(), s)
+assert torch.equal(got32, x32 * s), "fp32: one rounding, as mul_"
+x16 = torch.randn(70, 90, generator=g).to(torch.bfloat16)
+got16 = ce.scale_(x16.clone(), s)
+exact = x16.double() * s.double()
+unit = torch.ldexp(torch.ones_like(exact), torch.frexp(exact.abs())[1] - 8)
+assert bool(((got16.double() - exact).abs() <= unit).all()), "bf16: within one unit (the interpreter truncates)"
+strided = torch.randn(8, 6, generator=g).t()
+assert torch.equal(ce.scale_(strided.clone(), s), strided * s), "non-contiguous: torch's mul_"
+print("ok")
+"""
+
+
+@needs_triton
+def test_scale_kernel_in_the_interpreter() -> None:
+    """`scale_` (the LM head's dx and dW times the incoming gradient): fp32 exactly torch's
+    product, bf16 within one unit of fp64's (the interpreter truncates), strided input through
+    torch."""
+    assert run_interpreted(SCALE).strip().endswith("ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_scale_is_torchs_mul_bit_for_bit() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.tensor(1 / 3, device="cuda")
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(16384 + 7, 1024, generator=g, device="cuda").to(dtype)
+        assert torch.equal(cross_entropy.scale_(x.clone(), s), x.clone().mul_(s)), dtype

@@ -263,3 +263,13 @@ def cross_entropy_kernel(
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
             g = tl.exp(x - lse) * inv_count - tl.where(cols == label, inv_count, 0.0)
             tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    # x *= s in place, in fp32, rounded once to x's dtype (torch's mul_ by a 0-dim tensor)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    s = tl.load(scale_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offsets, (x * s).to(x_ptr.dtype.element_ty), mask=mask)
