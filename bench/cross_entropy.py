@@ -6,7 +6,7 @@ logits with the gradient of the mean loss (softmax − one-hot) / count. The ide
 one write of the logits (2·T·V·2 bytes); a configuration whose block is smaller than the
 vocabulary reads each row twice. Every configuration is checked against fp64: each row's loss
 within 1e-4 (absolute, the losses are ~ln V), the gradient within one bf16 rounding of its value
-plus 1e-9. torch's rows time `F.cross_entropy(logits.float(), labels)` forward and backward
+plus 1e-6 / count. torch's rows time `F.cross_entropy(logits.float(), labels)` forward and backward
 (what `upcycle.train.losses.lm_loss` runs without the fused kernel), eager and compiled.
 
 Usage (GPU):  python bench/cross_entropy.py [--tokens 16384] [--vocab 32000] [--json PATH]
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         work.copy_(logits)
         losses = cross_entropy_rows_(work, labels, count, block=block, warps=warps)
         loss_err = float((losses.double() - loss64).abs().max())
-        excess = float(((work.double() - grad64).abs() / (eps * grad64.abs() + 1e-9)).max())
+        slack = 1e-6 / float(count)  # far below a typical element, ~1 / (V · count)
+        excess = float(((work.double() - grad64).abs() / (eps * grad64.abs() + slack)).max())
 
         def run(block=block, warps=warps) -> None:
             work.copy_(logits)

@@ -272,3 +272,23 @@ def test_gpu_scale_is_torchs_mul_bit_for_bit() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(16384 + 7, 1024, generator=g, device="cuda").to(dtype)
         assert torch.equal(cross_entropy.scale_(x.clone(), s), x.clone().mul_(s)), dtype
+
+
+NONFINITE_IGNORED = """
+import torch
+from upcycle.kernels import cross_entropy as ce
+for V, block in ((300, None), (300, 128)):  # the row in registers, then blocks
+    logits = torch.randn(4, V).to(torch.bfloat16)
+    logits[1, 7], logits[2, 9] = float("nan"), float("inf")
+    labels = torch.tensor([3, -100, -100, 5])
+    count = (labels != -100).sum().float()
+    losses = ce.cross_entropy_rows_(logits, labels, count, block=block)
+    assert bool((logits[1:3] == 0).all()), "ignored rows: a zero gradient whatever they hold"
+    assert bool(torch.isfinite(logits).all()) and bool(torch.isfinite(losses).all())
+print("ok")
+"""
+
+
+@needs_triton
+def test_ignored_rows_with_nonfinite_logits_get_a_zero_gradient() -> None:
+    assert run_interpreted(NONFINITE_IGNORED).strip().endswith("ok")

@@ -22,10 +22,24 @@ def test_sort_by_expert_is_the_stable_int64_argsort(num_experts: int) -> None:
 
 @pytest.mark.parametrize("one_hot", [True, False])
 def test_expert_counts_both_ways_equal_bincount(one_hot: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dispatch, "_ONE_HOT_COUNT_MAX", 1 << 40 if one_hot else 0)
+    for limit in ("_ONE_HOT_COUNT_MAX", "_ONE_HOT_COUNT_MAX_EAGER"):
+        monkeypatch.setattr(dispatch, limit, 1 << 40 if one_hot else 0)
     generator = torch.Generator().manual_seed(1)
     indices_TK = torch.randint(0, 7, (500, 3), generator=generator)  # expert 7 of 8 never chosen
     counts_E = dispatch.expert_counts(indices_TK, 8)
     assert counts_E.dtype == torch.int64
     assert torch.equal(counts_E, torch.bincount(indices_TK.reshape(-1), minlength=8))
     assert int(counts_E[7]) == 0
+
+
+def test_expert_counts_eager_takes_the_scatter_above_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager, the one-hot sum's int64 copy of the [A, E] comparison is bounded by the eager limit."""
+    calls = []
+    scatter_add_ = torch.Tensor.scatter_add_
+    monkeypatch.setattr(torch.Tensor, "scatter_add_", lambda *a: (calls.append(1), scatter_add_(*a))[1])
+    small = torch.zeros(dispatch._ONE_HOT_COUNT_MAX_EAGER // 8, 1, dtype=torch.int64)
+    assert torch.equal(dispatch.expert_counts(small, 8), torch.tensor([small.numel(), 0, 0, 0, 0, 0, 0, 0]))
+    assert not calls
+    large = torch.zeros(dispatch._ONE_HOT_COUNT_MAX_EAGER // 8 + 1, 1, dtype=torch.int64)
+    assert int(dispatch.expert_counts(large, 8)[0]) == large.numel()
+    assert calls == [1]

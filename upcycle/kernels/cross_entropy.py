@@ -16,10 +16,11 @@ by the incoming gradient afterwards (a [T, D] and a [V, D] tensor, not [T, V]).
 
 Precision: as torch under autocast. The GEMM's logits are rounded to the autocast dtype (bf16)
 and everything after is fp32; the gradient is rounded once to bf16, as torch rounds its
-fp32 gradient to the logits' bf16. Softmax by exp(x − lse) instead of torch's
+fp32 gradient to the logits' bf16. Softmax as exp(x − max) / Σ exp(x − max), multiplied by the
+reciprocals of the sum and the count (blocked rows: exp(x − lse) / count), instead of torch's
 exp(log_softmax(x)): the same value up to fp32 rounding, so an element of the bf16 gradient can
 differ from torch's by one unit in the last place. The incoming gradient multiplies dh and dW
-after their GEMMs (exact when it is a power of two, as 1/micro-batches is for 1, 2, 4, 8).
+after their GEMMs (`scale_`, in fp32 and rounded once, as torch's `mul_`).
 Labels equal to `IGNORE_INDEX` (-100, torch's) count for nothing; a label outside the
 vocabulary makes the loss NaN (torch raises a device assertion instead).
 
@@ -103,7 +104,13 @@ def scale_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     rounded once, as torch's `mul_`, but in one vectorised pass (torch multiplies a bf16 tensor
     by a 0-dim fp32 GPU tensor with its unvectorised broadcasting kernel: 0.19 ms for the LM
     head's dx and dW in the Mixtral step, bench/RESULTS.md ninth round)."""
-    if not (applies(t) and t.is_contiguous() and s.numel() == 1 and s.device == t.device):
+    if not (
+        applies(t)
+        and t.dtype in (torch.bfloat16, torch.float16, torch.float32)  # fp64: mul_ computes in fp64
+        and t.is_contiguous()
+        and s.numel() == 1
+        and s.device == t.device
+    ):
         return t.mul_(s)
     if t.numel():
         block = 4096

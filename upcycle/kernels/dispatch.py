@@ -11,18 +11,24 @@ from __future__ import annotations
 import torch
 
 # Up to this many (assignment, expert) pairs, `expert_counts` compares every assignment with every
-# expert and sums the columns; beyond it, a scatter-add into E counters.
+# expert and sums the columns; beyond it, a scatter-add into E counters. Compiled, the comparison
+# and the sum are one fused reduction with no temporary; eager, the sum first copies the boolean
+# [A, E] comparison to int64 (9 bytes a pair in all), hence the lower eager limit (9 MiB).
 _ONE_HOT_COUNT_MAX = 1 << 26
+_ONE_HOT_COUNT_MAX_EAGER = 1 << 20
 
 
 def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert [E] (int64), without the host sync of CUDA's `bincount`.
+    """Assignments per expert [E] (int64), without the host sync of CUDA's `bincount`. Indices
+    must lie in [0, num_experts) (every router's do): neither version checks them on the device.
 
-    A column sum of the one-hot comparison (one fused reduction when compiled) rather than a
-    scatter-add: on a GPU the scatter's atomic adds into E counters serialise (about 17 µs for
-    32k assignments over 8 experts on an H100, bench/RESULTS.md ninth round). Both are exact."""
+    A column sum of the one-hot comparison rather than a scatter-add where it is small: on a GPU
+    the scatter's atomic adds into E counters serialise (a 16-call scatter kernel of 0.28 ms a
+    step for 32k assignments over 8 experts on an H100, bench/RESULTS.md ninth round). Both are
+    exact."""
     flat_A = indices_TK.reshape(-1)
-    if flat_A.numel() * num_experts <= _ONE_HOT_COUNT_MAX:
+    limit = _ONE_HOT_COUNT_MAX if torch.compiler.is_compiling() else _ONE_HOT_COUNT_MAX_EAGER
+    if flat_A.numel() * num_experts <= limit:
         experts_E = torch.arange(num_experts, device=flat_A.device, dtype=flat_A.dtype)
         return (flat_A.unsqueeze(1) == experts_E).sum(0)
     counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_A.device)

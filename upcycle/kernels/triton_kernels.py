@@ -255,6 +255,7 @@ def cross_entropy_kernel(
     if NUM_BLOCKS == 1:
         cols = tl.arange(0, BLOCK)
         g = e * (tl.div_rn(1.0, total) * inv_count) - tl.where(cols == label, inv_count, 0.0)
+        g = tl.where(ignored, 0.0, g)  # zero even where the row holds a NaN or an inf
         tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
     else:
         for block in range(NUM_BLOCKS):
@@ -262,6 +263,7 @@ def cross_entropy_kernel(
             mask = cols < V
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
             g = tl.exp(x - lse) * inv_count - tl.where(cols == label, inv_count, 0.0)
+            g = tl.where(ignored, 0.0, g)
             tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
