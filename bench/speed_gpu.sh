@@ -8,7 +8,7 @@
 #
 # `quick` is the issue's headline figures in one device call (about 8 minutes, eight files: leave
 # no other file under $OUT, the device tool returns about eight): the Mixtral step (bf16-weights
-# compiled with and without `--cuda-graph`, transformers bf16 eager), where the launched step waits for the host (bench/host_lag.py), both attention
+# compiled with and without `--cuda-graph`, graphed with the dispatched rows kept, transformers bf16 eager), where the launched step waits for the host (bench/host_lag.py), both attention
 # variants, the S1, S2 and S3 layers with their CUDA-graph rows, every GPU test, the AdamW step
 # alone (torch's fused kernel against upcycle's) and the graphed bf16-weights step's profile.
 # `bf16w` diagnoses the compiled bf16-weights step that run G measured host-bound
@@ -75,7 +75,7 @@ if has step; then
   run_steps 150 "${STEP_CASES:-mixtral --compile;mixtral;hf-mixtral-bf16;hf-mixtral-bf16 --compile}" json
 fi
 if has quick; then
-  run_steps 110 "mixtral-bf16w --compile --cuda-graph;mixtral-bf16w --compile;hf-mixtral-bf16"
+  run_steps 110 "mixtral-bf16w --compile --cuda-graph;mixtral-bf16w --compile --cuda-graph --keep-rows;mixtral-bf16w --compile;hf-mixtral-bf16"
   timeout 90 python3 bench/host_lag.py --compile > "$OUT/host_lag.md" 2>&1; grep -E "^\| (backward|optimizer)" "$OUT/host_lag.md" | head -12
   timeout 100 python3 bench/attention_experts.py --no-cudnn > "$OUT/attention.txt" 2>&1; tail -12 "$OUT/attention.txt"
   timeout 150 python3 bench/moe_layer.py --shapes S1 S2 S3 --no-compile > "$OUT/moe_layer.txt" 2>&1

@@ -28,7 +28,7 @@ two can be compared. Peak memory from `torch.cuda.max_memory_allocated`. MFU aga
 bf16 matmul ceiling of an H100) and 989 (datasheet). The `moe path` column says which expert
 implementation the MoE layers resolved to for the inputs they actually received.
 
-Usage (GPU):  python bench/train_step.py [--compile] [--cuda-graph] [--batch 16] [--seq-len 2048]
+Usage (GPU):  python bench/train_step.py [--compile] [--cuda-graph] [--keep-rows] [--batch 16] [--seq-len 2048]
                                          [--steps 15] [--json results.json]
 
 `--cuda-graph` replays our whole step as one CUDA graph (`train.cuda_graph`,
@@ -342,13 +342,25 @@ def main(argv: list[str] | None = None) -> list[Row]:
         action="store_true",
         help="ours: replay the whole step as one CUDA graph (train.cuda_graph; GPU only, ignored on the CPU)",
     )
+    parser.add_argument(
+        "--keep-rows",
+        action="store_true",
+        help="compiled MoE layers keep their dispatched rows for backward instead of gathering them "
+        "again (grouped_moe.KEEP_DISPATCHED_ROWS_COMPILED; rows labelled 'rows kept')",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.keep_rows:
+        from upcycle.kernels import grouped_moe
+
+        grouped_moe.KEEP_DISPATCHED_ROWS_COMPILED = True
     if args.tiny:
         args.batch, args.seq_len, args.steps, args.warmup = 2, 32, 3, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     configs = case_configs(args.tiny)
     rows = [bench_case(name, configs[name], args, device) for name in args.cases]
+    for row in rows if args.keep_rows else []:
+        row.case += ", rows kept"
     print_table(rows, args, device)
     if args.json is not None:
         args.json.write_text(json.dumps({"device": str(device), "rows": [asdict(r) for r in rows]}, indent=1))
