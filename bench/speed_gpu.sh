@@ -3,8 +3,13 @@
 # and whole-step benchmarks; every output lands in $OUT (default runs/speed).
 #
 # Usage: bash bench/speed_gpu.sh [parts...]
-#   parts: tests gemm gather profile layer attention step tuned quick bf16w
-#   (default: all but tuned, quick and bf16w)
+#   parts: tests gemm gather profile layer attention step tuned quick bf16w ab
+#   (default: all but tuned, quick, bf16w and ab)
+#
+# `ab` times the graphed Mixtral step of this tree and of an older one on the same card in one
+# call, new / old / new (one file, step.txt): make the older tree here first with
+# `bash bench/ab_tree.sh <commit>` (a `git archive` into out/ab/, which git ignores) and pass
+# `carry: ["out/ab", ...]` to the device tool; AB_COMMIT names it in the tables.
 #
 # `quick` is the issue's headline figures in one device call (about 8 minutes, eight files: leave
 # no other file under $OUT, the device tool returns about eight): the Mixtral step (bf16-weights
@@ -104,4 +109,17 @@ fi
 if has tuned; then
   timeout 150 python3 bench/grouped_gemm.py --shapes S2 --json "$OUT/gemm_tuned.json" > "$OUT/gemm_tuned.txt" 2>&1
   tail -8 "$OUT/gemm_tuned.txt"
+fi
+if has ab; then
+  [ -d out/ab/upcycle ] || { echo "ab: no out/ab/upcycle; run bash bench/ab_tree.sh <commit> first" >&2; exit 2; }
+  S="--batch 8 --seq-len 2048 --steps 10 --cases mixtral-bf16w --compile --cuda-graph"
+  for side in new old new; do
+    if [ "$side" = old ]; then
+      (cd out/ab && UPCYCLE_COMMIT="${AB_COMMIT:-old}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+        timeout 100 python3 bench/train_step.py $S 2>&1 | tail -1 | sed "s/^/old /") >> "$OUT/step.txt"
+    else
+      timeout 100 python3 bench/train_step.py $S 2>&1 | tail -1 | sed "s/^/new /" >> "$OUT/step.txt"
+    fi
+  done
+  cat "$OUT/step.txt"
 fi
