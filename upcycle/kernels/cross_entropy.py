@@ -55,6 +55,22 @@ def mean_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tor
     return F.cross_entropy(logits_BSV.flatten(0, -2).float(), labels_BS.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def exact_rows_and_gradient(
+    logits_TV: torch.Tensor, labels_T: torch.Tensor, count: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `cross_entropy_rows_` approximates, in fp64 from the stored logits: each row's loss
+    (0 where ignored) and the gradient of Σ losses / count (0 on ignored rows). For tests and
+    benchmarks; one [T, V] fp64 tensor besides the input."""
+    log_TV = torch.log_softmax(logits_TV.double(), -1)
+    kept_T = labels_T != IGNORE_INDEX
+    picked_T = labels_T.clamp(min=0)
+    rows_T = torch.where(kept_T, -log_TV.gather(1, picked_T[:, None])[:, 0], 0.0)
+    grad_TV = log_TV.exp_()
+    grad_TV[kept_T, picked_T[kept_T]] -= 1.0
+    grad_TV[~kept_T] = 0.0
+    return rows_T, grad_TV.div_(count.double())
+
+
 def reference(x_BSD: torch.Tensor, w_VD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     """torch's computation: logits by `F.linear` (in the autocast dtype under autocast), then
     `mean_cross_entropy`."""
