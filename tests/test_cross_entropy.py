@@ -256,12 +256,29 @@ def test_scale_kernel_in_the_interpreter() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_scale_is_torchs_mul_bit_for_bit() -> None:
+def test_gpu_scale_is_the_fp32_product_rounded_once() -> None:
+    """On the GPU `scale_` is x times the fp32 scale rounded once, bit for bit: what torch's
+    `mul_` gives on the CPU (test_cpu_mul_by_a_0dim_tensor_is_the_fp32_product) and on the GPU
+    when the scale is a bf16 number; torch's GPU `mul_` rounds 1/3 to bf16 first."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    s = torch.tensor(1 / 3, device="cuda")
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.randn(16384 + 7, 1024, generator=g, device="cuda").to(dtype)
-        assert torch.equal(cross_entropy.scale_(x.clone(), s), x.clone().mul_(s)), dtype
+        for value in (1 / 3, 0.5, 1.0):
+            s = torch.tensor(value, device="cuda")
+            got = cross_entropy.scale_(x.clone(), s)
+            assert torch.equal(got, (x.float() * s).to(dtype)), (dtype, value)
+            if value != 1 / 3 or dtype == torch.float32:
+                assert torch.equal(got, x.clone().mul_(s)), (dtype, value)
+
+
+def test_cpu_mul_by_a_0dim_tensor_is_the_fp32_product() -> None:
+    """The CPU fallback of `scale_` (torch's `mul_`) computes what the GPU pass does."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.tensor(1 / 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(300, 200, generator=g).to(dtype)
+        assert torch.equal(cross_entropy.scale_(x.clone(), s), (x.float() * s).to(dtype)), dtype
+        assert not torch.equal((x.float() * s).to(dtype), (x.float() * s.to(dtype).float()).to(dtype))
 
 
 NONFINITE_IGNORED = """

@@ -116,10 +116,15 @@ def cross_entropy_rows_(
 
 
 def scale_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """`t *= s` in place for a one-element tensor `s` on `t`'s device: computed in fp32 and
-    rounded once, as torch's `mul_`, but in one vectorised pass (torch multiplies a bf16 tensor
-    by a 0-dim fp32 GPU tensor with its unvectorised broadcasting kernel: 0.19 ms for the LM
-    head's dx and dW in the Mixtral step, bench/RESULTS.md ninth round)."""
+    """`t *= s` in place for a one-element tensor `s` on `t`'s device: `t` times the fp32 `s`,
+    computed in fp32 and rounded once to `t`'s dtype, in one vectorised pass.
+
+    That is what torch's `mul_` computes on the CPU (the fallback here). On a GPU, torch's `mul_`
+    of a bf16 tensor by a 0-dim fp32 GPU tensor first rounds `s` to bf16 (so 1/3 becomes
+    0.333984) and runs an unvectorised broadcasting kernel: 0.19 ms for the LM head's dx and dW in
+    the Mixtral step (bench/RESULTS.md ninth round). The two agree whenever `s` is a bf16 number
+    (1, 1/2, 1/4 ...: the usual loss scales); otherwise this pass is the closer to the exact
+    product (tests/test_cross_entropy.py)."""
     if not (
         applies(t)
         and t.dtype in (torch.bfloat16, torch.float16, torch.float32)  # fp64: mul_ computes in fp64
