@@ -4,6 +4,8 @@ shared experts, config validation, and a whole Transformer with MoE layers (meth
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +17,7 @@ from upcycle.model.block import build_attention, build_ffn
 from upcycle.model.config import ModelConfig
 from upcycle.model.mlp import GatedMLP, activation_fn
 from upcycle.model.moe import MoE, PlainMLP
-from upcycle.model.router import capacity_keep_mask, expert_capacity
+from upcycle.model.router import capacity_keep_mask, expert_capacity, select_top_k
 from upcycle.model.transformer import Transformer
 
 # Top-1 TS is legal (and exact) but untrainable; the config warns, which these tests know.
@@ -492,3 +494,59 @@ def test_autocast_runs_the_experts_in_the_autocast_dtype():
     assert mixed.dtype == torch.bfloat16
     relative = (mixed.float() - reference).norm() / reference.norm()
     assert relative < 2e-2
+
+
+def _top_k_by_python_sort(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """select_top_k's definition written out: NaN first, then by value, equal values by column."""
+
+    def key(row: list[float], j: int) -> tuple:
+        return (0, 0.0, j) if math.isnan(row[j]) else (1, -row[j], j)
+
+    rows = scores_TE.double().tolist()
+    return torch.tensor([sorted(range(len(row)), key=lambda j: key(row, j))[:k] for row in rows])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _scores_with_ties(rows: int, experts: int, device: str = "cpu") -> torch.Tensor:
+    """Scores drawn from a few values (ties everywhere), some -inf, a row of -inf, a row of
+    zeros and a row with two NaN: every case of select_top_k's order."""
+    g = torch.Generator().manual_seed(experts)
+    s = torch.randint(-3, 3, (rows, experts), generator=g).double() / 3
+    s[s == -1] = -math.inf
+    s[0, :] = -math.inf
+    s[1, :] = 0.0
+    s[2, 1], s[2, -1] = math.nan, math.nan
+    return s.to(device)
+
+
+@pytest.mark.parametrize("experts,k", [(8, 2), (64, 8), (4, 4), (3, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_select_top_k_orders_ties_by_expert_eagerly_and_compiled(
+    experts: int, k: int, dtype: torch.dtype
+) -> None:
+    """select_top_k (the router's torch.topk): the eager sort and the compiled argmax rounds both give
+    the written-out order, values included, on ties, -inf and NaN."""
+    torch._dynamo.reset()
+    scores = _scores_with_ties(300, experts).to(dtype)
+    expected = _top_k_by_python_sort(scores, k)
+    compiled = torch.compile(select_top_k, fullgraph=True, dynamic=False)
+    for values, indices in (select_top_k(scores, k), compiled(scores, k)):
+        assert torch.equal(indices, expected)
+        assert _same_bits(values, scores.gather(-1, expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_select_top_k_orders_ties_by_expert_eagerly_and_compiled() -> None:
+    torch._dynamo.reset()
+    for experts, k in ((8, 2), (64, 8)):
+        for dtype in (torch.float32, torch.bfloat16):
+            scores = _scores_with_ties(4096, experts, "cuda").to(dtype)
+            expected = _top_k_by_python_sort(scores.cpu(), k).cuda()
+            compiled = torch.compile(select_top_k, fullgraph=True, dynamic=False)
+            for values, indices in (select_top_k(scores, k), compiled(scores, k)):
+                assert torch.equal(indices, expected), (experts, k, dtype)
+                assert _same_bits(values, scores.gather(-1, expected))

@@ -11,13 +11,19 @@ Routing functions (all return a `Routing`):
 
 | function | definition | K |
 |---|---|---|
-| `topk_softmax` (TS) | I = topk(l, k); w = softmax(l_I) | k |
-| `softmax_topk` (ST) | p = softmax(l); I = topk(p, k); w = p_I, divided by Σ p_I if `renormalize` | k |
+| `topk_softmax` (TS) | I = select_top_k(l, k); w = softmax(l_I) | k |
+| `softmax_topk` (ST) | p = softmax(l); I = select_top_k(p, k); w = p_I, divided by Σ p_I if `renormalize` | k |
 | `soft` | w = softmax(l) over all experts | E |
 | `sample_top1` | training: y = softmax((l + g)/τ), g ~ Gumbel; keep argmax y with weight max y; inference: the Gumbel-max (hard) sample with weight 1 | 1 |
 
 τ = max(0.5, exp(-r·t)) with r = 1e-4 (methods.md §9.10: the printed max(0.5, -r·t) is constant);
 the step t is the router's `step` buffer, set by the trainer through `set_step`.
+
+`select_top_k` is torch.topk with its ties defined: equal scores go in the order of their expert index,
+the lower first. That order decides which replica a tie leaves out, and NVIDIA's virtual-group
+router initialisation makes every expert of a group tie exactly (methods.md §5.2): top-T must
+take whole groups, which any value order with index tie-breaks does, the same way eagerly and
+compiled, on every device (torch.topk leaves the order of equal values to the kernel).
 
 Capacity (`capacity_keep_mask`): each expert keeps its `capacity` assignments with the largest
 router probability p = softmax(l) (the one score every routing function shares); ties keep the
@@ -53,9 +59,35 @@ class Routing:
     logits_TE: torch.Tensor
 
 
+def select_top_k(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores of each row and their columns, largest first, equal scores in
+    column order (NaN above everything, as torch's sort puts it): (values_TK, indices_TK).
+
+    Eagerly one stable descending sort. Compiled (a graph of a block), k rounds of argmax (which
+    takes the first of equal maxima), each masking the column it took: inductor fuses them with
+    the softmax around them into one kernel, where torch.topk stays two kernels of its own
+    (gatherTopK + bitonic sort, 0.30 ms in the Mixtral step: bench/RESULTS.md, tenth round).
+    The rounds compare in fp64, where a taken column is -inf and a score of -inf is -DBL_MAX
+    (below every finite fp32 score, above a taken one), so the order is the sort's exactly for
+    every score dtype up to fp32; fp64 scores take the sort.
+    """
+    if not torch.compiler.is_compiling() or scores_TE.dtype == torch.float64:
+        values_TE, indices_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+        return values_TE[..., :k], indices_TE[..., :k]
+    key_TE = scores_TE.double().masked_fill(scores_TE == -math.inf, -torch.finfo(torch.float64).max)
+    columns_E = torch.arange(scores_TE.shape[-1], device=scores_TE.device)
+    indices = []
+    for _ in range(k):
+        index_T1 = key_TE.argmax(dim=-1, keepdim=True)
+        indices.append(index_T1)
+        key_TE = key_TE.masked_fill(columns_E == index_T1, -math.inf)
+    indices_TK = torch.cat(indices, dim=-1)
+    return scores_TE.gather(-1, indices_TK), indices_TK
+
+
 def topk_softmax(logits_TE: torch.Tensor, top_k: int) -> Routing:
     """TS (Mixtral, BTX): softmax over the k largest logits only."""
-    top_logits_TK, indices_TK = torch.topk(logits_TE, top_k, dim=-1)
+    top_logits_TK, indices_TK = select_top_k(logits_TE, top_k)
     weights_TK = torch.softmax(top_logits_TK, dim=-1)
     return Routing(weights_TK, indices_TK, torch.softmax(logits_TE, dim=-1), logits_TE)
 
@@ -63,7 +95,7 @@ def topk_softmax(logits_TE: torch.Tensor, top_k: int) -> Routing:
 def softmax_topk(logits_TE: torch.Tensor, top_k: int, renormalize: bool = False) -> Routing:
     """ST (Switch, NVIDIA, BAM's FFN): the k largest full-softmax probabilities, as they are."""
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    weights_TK, indices_TK = torch.topk(probs_TE, top_k, dim=-1)
+    weights_TK, indices_TK = select_top_k(probs_TE, top_k)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return Routing(weights_TK, indices_TK, probs_TE, logits_TE)
