@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_helpers import run_interpreted
 
 from upcycle.kernels import router_gemm
 from upcycle.model.router import Router
+
+needs_triton = pytest.mark.skipif(not router_gemm.triton_installed(), reason="Triton is not installed")
 
 T, D, E = 96, 320, 12
 
@@ -178,23 +181,101 @@ def test_compiled_router_logits_equal_eager(monkeypatch):
     assert torch.equal(compiled_dw, router.weight.grad)
 
 
+FP32_KERNELS = """
+import torch
+from upcycle.kernels import router_gemm as rg
+
+def rel(a, ref):
+    return float((a.detach().double() - ref).norm() / ref.norm())
+
+gen = torch.Generator().manual_seed(0)
+for T, D, E, wide in ((96, 320, 12, False), (1100, 70, 64, True), (5, 64, 1, False)):
+    for weight_dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(T, D + 9 * wide, generator=gen).to(torch.bfloat16)[:, :D]  # strided rows too
+        w = (torch.randn(E, D, generator=gen) * torch.exp(torch.randn(E, D, generator=gen))).to(weight_dtype)
+        g = torch.randn(T, E, generator=gen) * torch.exp(torch.randn(T, E, generator=gen))
+        assert rg.fp32_kernels(x, w)
+        logits, stacked = rg.router_logits_op(x, w)
+        assert stacked.shape == (0, D) and logits.dtype == torch.float32 and logits.shape == (T, E)
+        x64, w64, g64 = x.double(), w.double(), g.double()
+        ref = x64 @ w64.T
+        # any fp32 sum of D exact-ish products: within D·2^-24 of Σ|x||w| (and 1e-6 overall)
+        assert ((logits.double() - ref).abs() <= D * 2**-24 * (x64.abs() @ w64.abs().T)).all()
+        assert rel(logits, ref) <= 1e-6, (T, D, E)
+        dx, dw = rg.router_logits_backward(g, x, stacked, w, True, True)
+        assert dx.dtype == torch.bfloat16 and dw.dtype == weight_dtype
+        dw_ref, dx_ref = g64.T @ x64, g64 @ w64
+        if weight_dtype == torch.float32:
+            assert ((dw.double() - dw_ref).abs() <= T * 2**-24 * (g64.abs().T @ x64.abs())).all()
+            assert rel(dw, dw_ref) <= 1e-6, (T, D, E)
+        # one rounding (truncation, in the interpreter) of an fp32-accurate value: within a unit
+        unit = torch.finfo(torch.bfloat16).eps
+        assert ((dw.double() - dw_ref).abs() <= unit * dw_ref.abs() + 1e-6 * (g64.abs().T @ x64.abs())).all()
+        assert ((dx.double() - dx_ref).abs() <= unit * dx_ref.abs() + 1e-6 * (g64.abs() @ w64.abs())).all()
+        none_dx, only_dw = rg.router_logits_backward(g, x, stacked, w, False, True)
+        assert none_dx.numel() == 0 and torch.equal(only_dw, dw)
+torch.library.opcheck(rg.router_logits_op, (x.clone().requires_grad_(), w.clone().requires_grad_()))
+empty, stacked = rg.router_logits_op(x[:0], w)
+assert empty.shape == (0, 1)
+dx, dw = rg.router_logits_backward(g[:0], x[:0], stacked, w, True, True)
+assert dx.shape == (0, 64) and torch.equal(dw, torch.zeros_like(w))
+print("ok")
+"""
+
+
+@needs_triton
+def test_fp32_kernels_in_the_interpreter():
+    """Routers of up to 64 experts: the three fp32 Triton kernels (logits, dx, dW) against fp64,
+    within fp32's summation bound and 1e-6 overall, for partial blocks of tokens, widths and experts, several dW
+    chunks, strided rows, fp32 and bf16 weights, one expert and no tokens."""
+    assert run_interpreted(FP32_KERNELS).strip().endswith("ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fp32_kernels_at_fp32_gemm_accuracy(weight_dtype):
+    """The fp32 Triton kernels (up to 64 experts) at the Mixtral bench's router shape (16384
+    tokens, D 1024, 8 experts) and at 64 experts: within fp32's summation bound of fp64 and 1e-6
+    overall (the bf16-part GEMMs: 2.1e-6, an fp32 SGEMM 2-6e-7), and deterministic."""
+    for T, D, E in ((16384, 1024, 8), (4096, 2048, 64)):
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        x = torch.randn(T, D, device="cuda", generator=gen).to(torch.bfloat16)
+        w = (0.02 * torch.randn(E, D, device="cuda", generator=gen)).to(weight_dtype)
+        g = torch.randn(T, E, device="cuda", generator=gen)
+        assert router_gemm.fp32_kernels(x, w)
+        x_, w_ = x.clone().requires_grad_(), w.clone().requires_grad_()
+        logits = router_gemm.router_logits(x_, w_)
+        logits.backward(g)
+        x64, w64, g64 = x.double(), w.double(), g.double()
+        ref = x64 @ w64.T
+        assert ((logits.double() - ref).abs() <= D * 2**-24 * (x64.abs() @ w64.abs().T)).all()
+        assert _rel(logits, ref) <= 1e-6, (E, _rel(logits, ref), _rel(x.float() @ w.float().T, ref))
+        dw_sgemm = _rel((g.T @ x.float()).to(weight_dtype), g64.T @ x64)
+        assert _rel(w_.grad, g64.T @ x64) <= max(1.01 * dw_sgemm, 1e-6), (E, dw_sgemm)
+        assert _rel(x_.grad, g64 @ w64) <= 1.01 * _rel((g @ w.float()).to(torch.bfloat16), g64 @ w64)
+        again, _ = router_gemm.router_logits_op(x, w)
+        dx2, dw2 = router_gemm.router_logits_backward(g, x, _, w, True, True)
+        assert torch.equal(again, logits.detach()) and torch.equal(dx2, x_.grad) and torch.equal(dw2, w_.grad)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_gpu_bf16_gemms_near_fp32_accuracy(weight_dtype):
-    """The CUDA path (bf16 GEMMs with fp32 output) against fp64, at a router's shape (4096 tokens,
-    D 2048, 64 experts). Every product is exact, but Hopper's tensor cores do not add in IEEE
+    """The CUDA path of routers wider than 64 experts (bf16 GEMMs with fp32 output) against fp64,
+    at 4096 tokens, D 2048, 128 experts. Every product is exact, but Hopper's tensor cores do not add in IEEE
     fp32: on an H100 the logits came within 2.1e-6 of fp64 (relative norm; an fp32 SGEMM: 2-6e-7,
     bf16 logits as transformers computes them under autocast: about 4e-3). The bounds: 1e-5 for
     logits and weight gradient, the bf16 rounding of the upcast path for the input gradient."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(4096, 2048, device="cuda", generator=gen).to(torch.bfloat16)
-    w = (0.02 * torch.randn(64, 2048, device="cuda", generator=gen)).to(weight_dtype)
-    g = torch.randn(4096, 64, device="cuda", generator=gen)
-    router = Router(2048, 64, "softmax_topk", 8).cuda()
+    w = (0.02 * torch.randn(128, 2048, device="cuda", generator=gen)).to(weight_dtype)
+    g = torch.randn(4096, 128, device="cuda", generator=gen)
+    router = Router(2048, 128, "softmax_topk", 8).cuda()
     with torch.no_grad():
         router.weight.data = w.clone()
-    assert router_gemm.applies(x, router.weight)
+    assert router_gemm.applies(x, router.weight) and not router_gemm.fp32_kernels(x, router.weight)
     x_ = x.clone().requires_grad_()
     logits = router.logits(x_)
     logits.backward(g)

@@ -86,6 +86,60 @@ def test_element_wise_kernels_compile_for_sm90() -> None:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("block_e", [16, 64])
+def test_router_kernels_compile_for_sm90_without_spills(block_e: int) -> None:
+    """The fp32 router's kernels (`upcycle.kernels.router_gemm`) at its smallest and largest
+    expert padding: IEEE fp32 dots (no TF32 tensor-core instructions), no register spills."""
+    from upcycle.kernels import router_gemm
+    from upcycle.kernels import triton_kernels as tk
+
+    i32 = "i32"
+    blocks = {"BLOCK_T": router_gemm._BLOCK_T, "BLOCK_E": block_e, "BLOCK_D": router_gemm._BLOCK_D}
+    compiled = [
+        compile_sm90(
+            tk.router_logits_kernel,
+            {
+                "x_ptr": "*bf16",
+                "w_ptr": "*fp32",
+                "out_ptr": "*fp32",
+                "T": i32,
+                "D": i32,
+                "E": i32,
+                "stride_x": i32,
+            },
+            blocks,
+        ),
+        compile_sm90(
+            tk.router_dx_kernel,
+            {
+                "g_ptr": "*fp32",
+                "w_ptr": "*fp32",
+                "dx_ptr": "*bf16",
+                "T": i32,
+                "D": i32,
+                "E": i32,
+                "stride_dx": i32,
+            },
+            blocks,
+        ),
+        compile_sm90(
+            tk.router_dw_kernel,
+            {
+                "g_ptr": "*fp32",
+                "x_ptr": "*bf16",
+                "part_ptr": "*fp32",
+                "T": i32,
+                "D": i32,
+                "E": i32,
+                "stride_x": i32,
+            },
+            {**blocks, "CHUNK": router_gemm._CHUNK},
+        ),
+    ]
+    for kernel in compiled:
+        assert "tf32" not in kernel.asm["ptx"] and spills(kernel) == 0
+
+
 def compile_pipelined_gemm(fn, types: dict[str, str], constants: dict[str, object]):
     """Compile a gathered GEMM with gather_gemm's launch options; check that its operand loads
     are pipelined (cp.async) into wgmma, within an H100's shared memory, without spills."""

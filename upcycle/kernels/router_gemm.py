@@ -1,9 +1,21 @@
-"""Router logits near fp32 accuracy from bf16 tensor-core GEMMs (the fp32 router of methods.md §1.1).
+"""Router logits in fp32 from a bf16 input on a GPU (the fp32 router of methods.md §1.1).
 
 The router computes l = x W^T in fp32 whatever the model dtype (`upcycle.model.router`). With a
 bf16 input x that means an upcast copy of x, an fp32 GEMM on CUDA cores, and in backward an fp32
 dL/dx of the full [T, D] size cast back to bf16: on the fine-grained S2 layer about 3% of the
-step (bench/RESULTS.md, "Where S2's time goes"), for a GEMM with only E output columns.
+step (bench/RESULTS.md, "Where S2's time goes"), for a GEMM with only E output columns. Two ways
+around it, both custom operators:
+
+Routers of up to `FP32_KERNEL_MAX_EXPERTS` (64) experts: three Triton kernels
+(`triton_kernels.router_*`) that read x in bf16 and W as it is stored, and multiply and add in
+IEEE fp32 on the CUDA cores (no TF32): logits (one launch), dL/dx (one launch, one rounding to
+bf16) and dL/dW (partial sums over chunks of 1024 tokens, tokens in order, then one sum over the
+chunks: deterministic, no atomics). Their accuracy is an fp32 SGEMM's (within D·2^-24 of Σ|x||w|
+element by element), and the work is a few microseconds of memory traffic: the bf16-part GEMMs
+below took about 40 launches a layer for their splits, concatenations and sums (the Mixtral
+step's router: ~0.6 ms of kernels and launch gaps, bench/RESULTS.md tenth round).
+
+Wider routers (or without Triton), the bf16 parts:
 
 Every fp32 number is the exact sum of three bf16 numbers (each rounding to bf16 keeps 8 of the
 24 significand bits and leaves an fp32-exact remainder; the exponent ranges are the same), and
@@ -26,25 +38,34 @@ autocast) within about 4e-3 (bench/RESULTS.md, fifth round). Routing decisions c
 an fp32 GEMM's only between experts whose logits agree to about 1e-6, as they can between two
 fp32 GEMM algorithms at 1e-7. On the CPU (the emulation below) the additions are IEEE fp32.
 
-A bf16 weight (a bf16 checkpoint) is its own single part. Other dtypes (fp32 or fp64 inputs: the
+A bf16 weight (a bf16 checkpoint) is its own single part (on the fp32 kernels it is read as it is). Other dtypes (fp32 or fp64 inputs: the
 exactness tests of methods.md §7), the CPU and GPUs without bf16 tensor cores keep the plain
 upcast GEMM (`applies`). A backward pass that is differentiated again (create_graph) computes
 its products the plain way, so double backward works as before; torch.func transforms of the
 operator are not supported.
 
 Forward and backward are custom operators (`upcycle::router_logits`, which also returns the
-weight's stacked bf16 parts for backward, and `upcycle::router_logits_backward`), so that
-compiled graphs run these same GEMMs (a bf16 GEMM with an fp32 output is not an operator every
-inductor version lowers). tests/test_router_gemm.py checks it against fp64 products on the
-CPU, where the bf16 GEMMs are emulated by fp32 GEMMs of the upcast operands (products of bf16
-numbers are exact there too), with `torch.library.opcheck`, and on the GPU at the bounds above.
+weight's stacked bf16 parts for backward, none on the fp32 kernels, and
+`upcycle::router_logits_backward`), so that compiled graphs run these same kernels (a bf16 GEMM
+with an fp32 output is not an operator every inductor version lowers). tests/test_router_gemm.py
+checks the parts against fp64 products on the CPU, where the bf16 GEMMs are emulated by fp32
+GEMMs of the upcast operands (products of bf16 numbers are exact there too), the fp32 kernels
+through Triton's CPU interpreter, both with `torch.library.opcheck`, and on the GPU at the bounds
+above; tests/test_triton_sm90.py compiles the kernels for an H100 (no TF32, no spills).
 """
 
 from __future__ import annotations
 
 import torch
 
+from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, triton_interpreted
+
 _BF16 = torch.bfloat16
+
+# Routers of up to this many experts run as the fp32 Triton kernels (`fp32_kernels`); wider ones
+# take the bf16-part GEMMs, where the tensor cores' throughput starts to matter.
+FP32_KERNEL_MAX_EXPERTS = 64
+_BLOCK_T, _BLOCK_D, _CHUNK = 64, 64, 1024
 
 
 def applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
@@ -116,10 +137,74 @@ def _sum_parts(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return total.contiguous()
 
 
+def fp32_kernels(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
+    """Whether `router_logits` runs as the fp32 Triton kernels (module docstring): Triton, a
+    CUDA tensor (or its CPU interpreter, for the tests) and at most `FP32_KERNEL_MAX_EXPERTS`."""
+    return (
+        triton_installed()
+        and (x_TD.is_cuda or triton_interpreted())
+        and weight_ED.shape[0] <= FP32_KERNEL_MAX_EXPERTS
+    )
+
+
+def _block_e(E: int) -> int:
+    return max(16, 1 << (E - 1).bit_length())  # tl.dot takes at least 16
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    x_TD, weight_ED = _rows(x_TD), weight_ED.contiguous()
+    (T, D), E = x_TD.shape, weight_ED.shape[0]
+    logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
+    if T and E:
+        tk = kernels()
+        with launch_device(x_TD):
+            tk.router_logits_kernel[(tk.triton.cdiv(T, _BLOCK_T),)](
+                x_TD, weight_ED, logits_TE, T, D, E, x_TD.stride(0),
+                BLOCK_T=_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_BLOCK_D,
+            )  # fmt: skip
+    return logits_TE
+
+
+def _dx_fp32(grad_TE: torch.Tensor, weight_ED: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    grad_TE, weight_ED = grad_TE.float().contiguous(), weight_ED.contiguous()
+    (T, E), D = grad_TE.shape, weight_ED.shape[1]
+    dx_TD = torch.empty(T, D, dtype=dtype, device=grad_TE.device)
+    if T and D:
+        tk = kernels()
+        with launch_device(grad_TE):
+            tk.router_dx_kernel[(tk.triton.cdiv(T, _BLOCK_T), tk.triton.cdiv(D, _BLOCK_D))](
+                grad_TE, weight_ED, dx_TD, T, D, E, dx_TD.stride(0),
+                BLOCK_T=_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_BLOCK_D,
+            )  # fmt: skip
+    return dx_TD
+
+
+def _dw_fp32(grad_TE: torch.Tensor, x_TD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    grad_TE, x_TD = grad_TE.float().contiguous(), _rows(x_TD)
+    (T, E), D = grad_TE.shape, x_TD.shape[1]
+    chunks = -(-T // _CHUNK)
+    parts_CED = torch.zeros(max(chunks, 1), E, D, dtype=torch.float32, device=x_TD.device)
+    if T and D and E:
+        tk = kernels()
+        with launch_device(x_TD):
+            tk.router_dw_kernel[(tk.triton.cdiv(D, _BLOCK_D), chunks)](
+                grad_TE, x_TD, parts_CED, T, D, E, x_TD.stride(0),
+                CHUNK=_CHUNK, BLOCK_T=_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_BLOCK_D,
+            )  # fmt: skip
+    return (parts_CED[0] if chunks <= 1 else parts_CED.sum(0)).to(dtype)
+
+
 @torch.library.custom_op("upcycle::router_logits", mutates_args=())
 def router_logits_op(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 logits x W^T, the weight's bf16 parts stacked [parts·E, D]) of a 2-D bf16 `x_TD` and
-    an fp32 or bf16 `weight_ED`; the parts are returned so that backward does not split again."""
+    an fp32 or bf16 `weight_ED`; the parts are returned so that backward does not split again
+    (none, [0, D], on the fp32 kernels)."""
+    if fp32_kernels(x_TD, weight_ED):
+        return _logits_fp32(x_TD, weight_ED), x_TD.new_empty((0, weight_ED.shape[1]), dtype=_BF16)
     parts, E = _weight_parts(weight_ED), weight_ED.shape[0]
     stacked_PD = torch.cat(split_bf16(weight_ED, parts))
     logits_TE = _sum_parts(_mm_fp32(x_TD, stacked_PD.t()).view(x_TD.shape[0], parts, E).unbind(1))
@@ -130,7 +215,8 @@ def router_logits_op(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> tuple[torch
 def _(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     E, D = weight_ED.shape
     logits = x_TD.new_empty((x_TD.shape[0], E), dtype=torch.float32)
-    return logits, x_TD.new_empty((_weight_parts(weight_ED) * E, D), dtype=_BF16)
+    parts = 0 if fp32_kernels(x_TD, weight_ED) else _weight_parts(weight_ED)
+    return logits, x_TD.new_empty((parts * E, D), dtype=_BF16)
 
 
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
@@ -147,11 +233,17 @@ def router_logits_backward(
     needs_x: bool,
     needs_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dx in bf16, dL/dW in W's dtype) from the forward's stacked weight parts; a gradient
-    not needed comes back empty."""
-    g = split_bf16(grad_TE, 3) if needs_x or needs_weight else []
+    """(dL/dx in bf16, dL/dW in W's dtype) from the forward's stacked weight parts (none: the
+    fp32 kernels); a gradient not needed comes back empty."""
     dx_TD = x_TD.new_empty(0)
     dw_ED = weight_ED.new_empty(0)
+    if stacked_PD.shape[0] == 0 and weight_ED.shape[0]:
+        if needs_x:
+            dx_TD = _dx_fp32(grad_TE, weight_ED, x_TD.dtype)
+        if needs_weight:
+            dw_ED = _dw_fp32(grad_TE, x_TD, weight_ED.dtype)
+        return dx_TD, dw_ED
+    g = split_bf16(grad_TE, 3) if needs_x or needs_weight else []
     E = weight_ED.shape[0]
     if needs_x:
         # Σ g_i W_j over i + j ≤ 2: every term down to 2^-24 of |g||W| (the dropped ones are

@@ -276,3 +276,84 @@ def scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
     s = tl.load(scale_ptr).to(tl.float32)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(x_ptr + offsets, (x * s).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# The fp32 router (`upcycle.kernels.router_gemm`): IEEE fp32 products and sums on the CUDA cores
+# (input_precision="ieee": no TF32), bf16 or fp32 operands read as they are and upcast in
+# registers. Experts padded to BLOCK_E (at least 16, what tl.dot takes) with zeros.
+@triton.jit
+def router_logits_kernel(
+    x_ptr, w_ptr, out_ptr, T, D, E, stride_x,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # out[t, e] = Σ_d x[t, d] · w[e, d], fp32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, BLOCK_E)
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x + cols[None, :],
+            mask=(rows[:, None] < T) & (cols[None, :] < D), other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        w_t = tl.load(
+            w_ptr + experts[None, :] * D + cols[:, None],
+            mask=(experts[None, :] < E) & (cols[:, None] < D),
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_D, BLOCK_E]
+        acc = tl.dot(x, w_t, acc, input_precision="ieee")
+    tl.store(
+        out_ptr + rows[:, None] * E + experts[None, :], acc, mask=(rows[:, None] < T) & (experts[None, :] < E)
+    )
+
+
+@triton.jit
+def router_dx_kernel(
+    g_ptr, w_ptr, dx_ptr, T, D, E, stride_dx,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # dx[t, d] = Σ_e g[t, e] · w[e, d] in fp32, rounded once to dx's dtype
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    experts = tl.arange(0, BLOCK_E)
+    g = tl.load(
+        g_ptr + rows[:, None] * E + experts[None, :],
+        mask=(rows[:, None] < T) & (experts[None, :] < E),
+        other=0.0,
+    )
+    w = tl.load(
+        w_ptr + experts[:, None] * D + cols[None, :],
+        mask=(experts[:, None] < E) & (cols[None, :] < D),
+        other=0.0,
+    ).to(tl.float32)
+    dx = tl.dot(g, w, input_precision="ieee")
+    tl.store(
+        dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+        mask=(rows[:, None] < T) & (cols[None, :] < D),
+    )  # fmt: skip
+
+
+@triton.jit
+def router_dw_kernel(
+    g_ptr, x_ptr, part_ptr, T, D, E, stride_x,
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # part[c, e, d] = Σ_{t in chunk c} g[t, e] · x[t, d], fp32, tokens in order within the chunk
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    chunk = tl.program_id(1)
+    experts = tl.arange(0, BLOCK_E)
+    acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
+    for t0 in range(0, CHUNK, BLOCK_T):
+        rows = chunk.to(tl.int64) * CHUNK + t0 + tl.arange(0, BLOCK_T)
+        g_t = tl.load(
+            g_ptr + rows[None, :] * E + experts[:, None],
+            mask=(rows[None, :] < T) & (experts[:, None] < E),
+            other=0.0,
+        )  # [BLOCK_E, BLOCK_T]
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x + cols[None, :],
+            mask=(rows[:, None] < T) & (cols[None, :] < D), other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        acc = tl.dot(g_t, x, acc, input_precision="ieee")
+    out = part_ptr + chunk.to(tl.int64) * E * D + experts[:, None] * D + cols[None, :]
+    tl.store(out, acc, mask=(experts[:, None] < E) & (cols[None, :] < D))
