@@ -86,56 +86,28 @@ def test_element_wise_kernels_compile_for_sm90() -> None:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("block_e", [16, 64])
-def test_router_kernels_compile_for_sm90_without_spills(block_e: int) -> None:
-    """The fp32 router's kernels (`upcycle.kernels.router_gemm`) at its smallest and largest
-    expert padding: IEEE fp32 dots (no TF32 tensor-core instructions), no register spills."""
+def test_router_kernels_compile_for_sm90_without_spills() -> None:
+    """The fp32 router's kernels (`upcycle.kernels.router_gemm`, up to 16 experts: one padding):
+    IEEE fp32 dots (no TF32 tensor-core instructions), no register spills."""
     from upcycle.kernels import router_gemm
     from upcycle.kernels import triton_kernels as tk
 
     i32 = "i32"
+    block_e = router_gemm._block_e(router_gemm.FP32_KERNEL_MAX_EXPERTS)
     blocks = {"BLOCK_T": router_gemm._BLOCK_T, "BLOCK_E": block_e, "BLOCK_D": router_gemm._BLOCK_D}
+    sizes = {"T": i32, "D": i32, "E": i32}
     compiled = [
         compile_sm90(
-            tk.router_logits_kernel,
-            {
-                "x_ptr": "*bf16",
-                "w_ptr": "*fp32",
-                "out_ptr": "*fp32",
-                "T": i32,
-                "D": i32,
-                "E": i32,
-                "stride_x": i32,
-            },
-            blocks,
-        ),
-        compile_sm90(
-            tk.router_dx_kernel,
-            {
-                "g_ptr": "*fp32",
-                "w_ptr": "*fp32",
-                "dx_ptr": "*bf16",
-                "T": i32,
-                "D": i32,
-                "E": i32,
-                "stride_dx": i32,
-            },
-            blocks,
-        ),
-        compile_sm90(
             tk.router_dw_kernel,
-            {
-                "g_ptr": "*fp32",
-                "x_ptr": "*bf16",
-                "part_ptr": "*fp32",
-                "T": i32,
-                "D": i32,
-                "E": i32,
-                "stride_x": i32,
-            },
+            {"g_ptr": "*fp32", "x_ptr": "*bf16", "part_ptr": "*fp32", **sizes, "stride_x": i32},
             {**blocks, "CHUNK": router_gemm._CHUNK},
-        ),
+        )
     ]
+    for w in ("*fp32", "*bf16"):  # an fp32 router, or a bf16 checkpoint's
+        logits = {"x_ptr": "*bf16", "w_ptr": w, "out_ptr": "*fp32", **sizes, "stride_x": i32}
+        dx = {"g_ptr": "*fp32", "w_ptr": w, "dx_ptr": "*bf16", **sizes, "stride_dx": i32}
+        compiled.append(compile_sm90(tk.router_logits_kernel, logits, blocks))
+        compiled.append(compile_sm90(tk.router_dx_kernel, dx, blocks))
     for kernel in compiled:
         assert "tf32" not in kernel.asm["ptx"] and spills(kernel) == 0
 

@@ -6,7 +6,7 @@ dL/dx of the full [T, D] size cast back to bf16: on the fine-grained S2 layer ab
 step (bench/RESULTS.md, "Where S2's time goes"), for a GEMM with only E output columns. Two ways
 around it, both custom operators:
 
-Routers of up to `FP32_KERNEL_MAX_EXPERTS` (64) experts: three Triton kernels
+Routers of up to `FP32_KERNEL_MAX_EXPERTS` (16) experts: three Triton kernels
 (`triton_kernels.router_*`) that read x in bf16 and W as it is stored, and multiply and add in
 IEEE fp32 on the CUDA cores (no TF32): logits (one launch), dL/dx (one launch, one rounding to
 bf16) and dL/dW (partial sums over chunks of 1024 tokens, tokens in order, then one sum over the
@@ -63,8 +63,10 @@ from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, tri
 _BF16 = torch.bfloat16
 
 # Routers of up to this many experts run as the fp32 Triton kernels (`fp32_kernels`); wider ones
-# take the bf16-part GEMMs, where the tensor cores' throughput starts to matter.
-FP32_KERNEL_MAX_EXPERTS = 64
+# take the bf16-part GEMMs. The kernels multiply on the CUDA cores, T·16·D fused multiply-adds
+# each for up to 16 experts (about 10-20 µs at the bench shapes), four times that at 64 experts
+# (S2: ~75 µs a kernel, ~2% of its layer), where the tensor cores' GEMMs are the cheaper way.
+FP32_KERNEL_MAX_EXPERTS = 16
 _BLOCK_T, _BLOCK_D, _CHUNK = 64, 64, 1024
 
 
