@@ -282,6 +282,15 @@ def scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 # (input_precision="ieee": no TF32), bf16 or fp32 operands read as they are and upcast in
 # registers. Experts padded to BLOCK_E (at least 16, what tl.dot takes) with zeros.
 @triton.jit
+def _tile_f32(ptr, rows, cols, stride_row, stride_col, R, C):
+    # the tile ptr[r · stride_row + c · stride_col] for r in rows, c in cols, as fp32; 0 outside R × C
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0).to(
+        tl.float32
+    )
+
+
+@triton.jit
 def router_logits_kernel(
     x_ptr, w_ptr, out_ptr, T, D, E, stride_x,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -292,15 +301,8 @@ def router_logits_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_x + cols[None, :],
-            mask=(rows[:, None] < T) & (cols[None, :] < D), other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        w_t = tl.load(
-            w_ptr + experts[None, :] * D + cols[:, None],
-            mask=(experts[None, :] < E) & (cols[:, None] < D),
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_D, BLOCK_E]
+        x = _tile_f32(x_ptr, rows, cols, stride_x, 1, T, D)
+        w_t = _tile_f32(w_ptr, cols, experts, 1, D, D, E)  # [BLOCK_D, BLOCK_E]
         acc = tl.dot(x, w_t, acc, input_precision="ieee")
     tl.store(
         out_ptr + rows[:, None] * E + experts[None, :], acc, mask=(rows[:, None] < T) & (experts[None, :] < E)
@@ -316,21 +318,11 @@ def router_dx_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     experts = tl.arange(0, BLOCK_E)
-    g = tl.load(
-        g_ptr + rows[:, None] * E + experts[None, :],
-        mask=(rows[:, None] < T) & (experts[None, :] < E),
-        other=0.0,
-    )
-    w = tl.load(
-        w_ptr + experts[:, None] * D + cols[None, :],
-        mask=(experts[:, None] < E) & (cols[None, :] < D),
-        other=0.0,
-    ).to(tl.float32)
+    g = _tile_f32(g_ptr, rows, experts, E, 1, T, E)
+    w = _tile_f32(w_ptr, experts, cols, D, 1, E, D)
     dx = tl.dot(g, w, input_precision="ieee")
-    tl.store(
-        dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-        mask=(rows[:, None] < T) & (cols[None, :] < D),
-    )  # fmt: skip
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -345,15 +337,8 @@ def router_dw_kernel(
     acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
     for t0 in range(0, CHUNK, BLOCK_T):
         rows = chunk.to(tl.int64) * CHUNK + t0 + tl.arange(0, BLOCK_T)
-        g_t = tl.load(
-            g_ptr + rows[None, :] * E + experts[:, None],
-            mask=(rows[None, :] < T) & (experts[:, None] < E),
-            other=0.0,
-        )  # [BLOCK_E, BLOCK_T]
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_x + cols[None, :],
-            mask=(rows[:, None] < T) & (cols[None, :] < D), other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        g_t = _tile_f32(g_ptr, experts, rows, 1, E, E, T)  # [BLOCK_E, BLOCK_T]
+        x = _tile_f32(x_ptr, rows, cols, stride_x, 1, T, D)
         acc = tl.dot(g_t, x, acc, input_precision="ieee")
     out = part_ptr + chunk.to(tl.int64) * E * D + experts[:, None] * D + cols[None, :]
     tl.store(out, acc, mask=(experts[:, None] < E) & (cols[None, :] < D))
