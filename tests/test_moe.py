@@ -538,6 +538,23 @@ def test_select_top_k_orders_ties_by_expert_eagerly_and_compiled(
         assert _same_bits(values, scores.gather(-1, expected))
 
 
+def test_select_top_k_refuses_k_outside_the_scores_and_keeps_only_k_indices() -> None:
+    """As torch.topk: 0 < k <= E, eagerly and compiled; the eager sort's [T, E] order is not what
+    autograd keeps, only the [T, k] indices (contiguous) of the values' gather."""
+    torch._dynamo.reset()
+    scores = torch.tensor([[1.0, 3.0, 2.0]])
+    for run in (select_top_k, torch.compile(select_top_k, fullgraph=True, dynamic=False)):
+        for k in (0, 4):
+            with pytest.raises(Exception, match="0 < k <= 3"):
+                run(scores, k)
+    saved = []
+    scores = torch.randn(64, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        values, indices = select_top_k(scores, 2)
+    assert indices.is_contiguous() and values.is_contiguous()
+    assert [tuple(t.shape) for t in saved if t.dtype == torch.int64] == [(64, 2)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_select_top_k_orders_ties_by_expert_eagerly_and_compiled() -> None:

@@ -188,16 +188,17 @@ def _dx_fp32(grad_TE: torch.Tensor, weight_ED: torch.Tensor, dtype: torch.dtype)
 def _dw_fp32(grad_TE: torch.Tensor, x_TD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     grad_TE, x_TD = grad_TE.float().contiguous(), _rows(x_TD)
     (T, E), D = grad_TE.shape, x_TD.shape[1]
+    if not (T and D and E):
+        return torch.zeros(E, D, dtype=dtype, device=x_TD.device)
     chunks = -(-T // _CHUNK)
-    parts_CED = torch.zeros(max(chunks, 1), E, D, dtype=torch.float32, device=x_TD.device)
-    if T and D and E:
-        tk = kernels()
-        with launch_device(x_TD):
-            tk.router_dw_kernel[(tk.triton.cdiv(D, _BLOCK_D), chunks)](
-                grad_TE, x_TD, parts_CED, T, D, E, x_TD.stride(0),
-                CHUNK=_CHUNK, BLOCK_T=_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_BLOCK_D,
-            )  # fmt: skip
-    return (parts_CED[0] if chunks <= 1 else parts_CED.sum(0)).to(dtype)
+    parts_CED = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)  # all written
+    tk = kernels()
+    with launch_device(x_TD):
+        tk.router_dw_kernel[(tk.triton.cdiv(D, _BLOCK_D), chunks)](
+            grad_TE, x_TD, parts_CED, T, D, E, x_TD.stride(0),
+            CHUNK=_CHUNK, BLOCK_T=_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_BLOCK_D,
+        )  # fmt: skip
+    return (parts_CED[0] if chunks == 1 else parts_CED.sum(0)).to(dtype)
 
 
 @torch.library.custom_op("upcycle::router_logits", mutates_args=())

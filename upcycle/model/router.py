@@ -71,9 +71,13 @@ def select_top_k(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     (below every finite fp32 score, above a taken one), so the order is the sort's exactly for
     every score dtype up to fp32; fp64 scores take the sort.
     """
+    if not 0 < k <= scores_TE.shape[-1]:
+        raise ValueError(f"select_top_k needs 0 < k <= {scores_TE.shape[-1]} (the number of scores), got {k}")
     if not torch.compiler.is_compiling() or scores_TE.dtype == torch.float64:
-        values_TE, indices_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
-        return values_TE[..., :k], indices_TE[..., :k]
+        with torch.no_grad():  # autograd keeps the [T, k] indices of the gather, not the whole sort
+            order_TE = torch.argsort(scores_TE, dim=-1, descending=True, stable=True)
+            indices_TK = order_TE[..., :k].contiguous()
+        return scores_TE.gather(-1, indices_TK), indices_TK
     key_TE = scores_TE.double().masked_fill(scores_TE == -math.inf, -torch.finfo(torch.float64).max)
     columns_E = torch.arange(scores_TE.shape[-1], device=scores_TE.device)
     indices = []
