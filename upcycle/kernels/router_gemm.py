@@ -12,8 +12,8 @@ IEEE fp32 on the CUDA cores (no TF32): logits (one launch), dL/dx (one launch, o
 bf16) and dL/dW (partial sums over chunks of 1024 tokens, tokens in order, then one sum over the
 chunks: deterministic, no atomics). Their accuracy is an fp32 SGEMM's (within D·2^-24 of Σ|x||w|
 element by element), and the work is a few microseconds of memory traffic: the bf16-part GEMMs
-below took about 40 launches a layer for their splits, concatenations and sums (the Mixtral
-step's router: ~0.6 ms of kernels and launch gaps, bench/RESULTS.md tenth round).
+below take about 40 launches a layer for their splits, concatenations and sums (in the Mixtral
+step an estimated 0.5–0.7 ms of kernels and launch gaps: bench/RESULTS.md, tenth round).
 
 Wider routers (or without Triton), the bf16 parts:
 
@@ -38,9 +38,9 @@ autocast) within about 4e-3 (bench/RESULTS.md, fifth round). Routing decisions c
 an fp32 GEMM's only between experts whose logits agree to about 1e-6, as they can between two
 fp32 GEMM algorithms at 1e-7. On the CPU (the emulation below) the additions are IEEE fp32.
 
-A bf16 weight (a bf16 checkpoint) is its own single part (on the fp32 kernels it is read as it is). Other dtypes (fp32 or fp64 inputs: the
-exactness tests of methods.md §7), the CPU and GPUs without bf16 tensor cores keep the plain
-upcast GEMM (`applies`). A backward pass that is differentiated again (create_graph) computes
+A bf16 weight (a bf16 checkpoint) is its own single part (the fp32 kernels read it as it is).
+Other dtypes (fp32 or fp64 inputs: the exactness tests of methods.md §7), the CPU and GPUs
+without bf16 tensor cores keep the plain upcast GEMM (`applies`). A backward pass that is differentiated again (create_graph) computes
 its products the plain way, so double backward works as before; torch.func transforms of the
 operator are not supported.
 

@@ -19,11 +19,11 @@ Routing functions (all return a `Routing`):
 τ = max(0.5, exp(-r·t)) with r = 1e-4 (methods.md §9.10: the printed max(0.5, -r·t) is constant);
 the step t is the router's `step` buffer, set by the trainer through `set_step`.
 
-`select_top_k` is torch.topk with its ties defined: equal scores go in the order of their expert index,
-the lower first. That order decides which replica a tie leaves out, and NVIDIA's virtual-group
-router initialisation makes every expert of a group tie exactly (methods.md §5.2): top-T must
-take whole groups, which any value order with index tie-breaks does, the same way eagerly and
-compiled, on every device (torch.topk leaves the order of equal values to the kernel).
+`select_top_k` is torch.topk with its ties defined: equal scores go in the order of their expert
+index, the lower first. That order decides which replica a tie leaves out, and NVIDIA's
+virtual-group router initialisation makes every expert of a group tie exactly (methods.md §5.2):
+top-T must take whole groups, which any value order with index tie-breaks does, the same way
+eagerly and compiled, on every device (torch.topk leaves the order of equal values to the kernel).
 
 Capacity (`capacity_keep_mask`): each expert keeps its `capacity` assignments with the largest
 router probability p = softmax(l) (the one score every routing function shares); ties keep the
