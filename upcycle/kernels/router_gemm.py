@@ -58,7 +58,13 @@ from __future__ import annotations
 
 import torch
 
-from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, triton_interpreted
+from upcycle.kernels.swiglu import (
+    kernels,
+    launch_device,
+    triton_installed,
+    triton_interpreted,
+    unit_stride_rows,
+)
 
 _BF16 = torch.bfloat16
 
@@ -153,12 +159,8 @@ def _block_e(E: int) -> int:
     return max(16, 1 << (E - 1).bit_length())  # tl.dot takes at least 16
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
-    x_TD, weight_ED = _rows(x_TD), weight_ED.contiguous()
+    x_TD, weight_ED = unit_stride_rows(x_TD), weight_ED.contiguous()
     (T, D), E = x_TD.shape, weight_ED.shape[0]
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
     if T and E:
@@ -186,7 +188,7 @@ def _dx_fp32(grad_TE: torch.Tensor, weight_ED: torch.Tensor, dtype: torch.dtype)
 
 
 def _dw_fp32(grad_TE: torch.Tensor, x_TD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    grad_TE, x_TD = grad_TE.float().contiguous(), _rows(x_TD)
+    grad_TE, x_TD = grad_TE.float().contiguous(), unit_stride_rows(x_TD)
     (T, E), D = grad_TE.shape, x_TD.shape[1]
     if not (T and D and E):
         return torch.zeros(E, D, dtype=dtype, device=x_TD.device)

@@ -107,13 +107,13 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     """`t` with unit column stride (the kernels index rows by stride, columns densely)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def swiglu_forward_triton(h_A2F: torch.Tensor) -> torch.Tensor:
-    h_A2F = _rows(h_A2F)
+    h_A2F = unit_stride_rows(h_A2F)
     A, F2 = h_A2F.shape
     F = F2 // 2
     a_AF = torch.empty(A, F, dtype=h_A2F.dtype, device=h_A2F.device)
@@ -134,7 +134,7 @@ def swiglu_backward_triton(
     by the same program), so the backward pass allocates neither; the caller gives up h and d."""
     if in_place and not (h_A2F.is_contiguous() and d_AF.is_contiguous()):
         raise ValueError("swiglu_backward_triton(in_place=True) needs contiguous h and d")
-    h_A2F, d_AF, w_A = _rows(h_A2F), _rows(d_AF), w_A.contiguous()
+    h_A2F, d_AF, w_A = unit_stride_rows(h_A2F), unit_stride_rows(d_AF), w_A.contiguous()
     A, F2 = h_A2F.shape
     F = F2 // 2
     dh_A2F = h_A2F if in_place else torch.empty_like(h_A2F)
