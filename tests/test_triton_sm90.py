@@ -87,27 +87,27 @@ def test_element_wise_kernels_compile_for_sm90() -> None:
 
 
 def test_router_kernels_compile_for_sm90_without_spills() -> None:
-    """The fp32 router's kernels (`upcycle.kernels.router_gemm`, up to 16 experts: one padding):
-    IEEE fp32 dots (no TF32 tensor-core instructions), no register spills."""
+    """The fp32 router's kernels (`upcycle.kernels.router_gemm`, at its widest, 16 experts): IEEE
+    fp32 multiply-adds (no TF32 tensor-core instructions), no register spills."""
     from upcycle.kernels import router_gemm
     from upcycle.kernels import triton_kernels as tk
 
     i32 = "i32"
     block_e = router_gemm._block_e(router_gemm.FP32_KERNEL_MAX_EXPERTS)
-    blocks = {"BLOCK_T": router_gemm._BLOCK_T, "BLOCK_E": block_e, "BLOCK_D": router_gemm._BLOCK_D}
+    acc = router_gemm._ACC
     sizes = {"T": i32, "D": i32, "E": i32}
-    compiled = [
-        compile_sm90(
-            tk.router_dw_kernel,
-            {"g_ptr": "*fp32", "x_ptr": "*bf16", "part_ptr": "*fp32", **sizes, "stride_x": i32},
-            {**blocks, "CHUNK": router_gemm._CHUNK},
-        )
-    ]
+    dw_blocks = {"BLOCK_T": acc // (block_e * router_gemm._DW_BLOCK_D), "BLOCK_E": block_e,
+                 "BLOCK_D": router_gemm._DW_BLOCK_D, "CHUNK": router_gemm._CHUNK}  # fmt: skip
+    dw = {"g_ptr": "*fp32", "x_ptr": "*bf16", "part_ptr": "*fp32", **sizes, "stride_x": i32}
+    compiled = [compile_sm90(tk.router_dw_kernel, dw, dw_blocks)]
     for w in ("*fp32", "*bf16"):  # an fp32 router, or a bf16 checkpoint's
         logits = {"x_ptr": "*bf16", "w_ptr": w, "out_ptr": "*fp32", **sizes, "stride_x": i32}
         dx = {"g_ptr": "*fp32", "w_ptr": w, "dx_ptr": "*bf16", **sizes, "stride_dx": i32}
-        compiled.append(compile_sm90(tk.router_logits_kernel, logits, blocks))
-        compiled.append(compile_sm90(tk.router_dx_kernel, dx, blocks))
+        logits_blocks = {"BLOCK_T": acc // (block_e * router_gemm._LOGITS_BLOCK_D), "BLOCK_E": block_e,
+                         "BLOCK_D": router_gemm._LOGITS_BLOCK_D}  # fmt: skip
+        dx_blocks = {"BLOCK_T": router_gemm._DX_BLOCK_T, "BLOCK_D": router_gemm._DX_BLOCK_D}
+        compiled.append(compile_sm90(tk.router_logits_kernel, logits, logits_blocks))
+        compiled.append(compile_sm90(tk.router_dx_kernel, dx, dx_blocks))
     for kernel in compiled:
         assert "tf32" not in kernel.asm["ptx"] and spills(kernel) == 0
 

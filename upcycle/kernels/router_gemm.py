@@ -9,11 +9,13 @@ around it, both custom operators:
 Routers of up to `FP32_KERNEL_MAX_EXPERTS` (16) experts: three Triton kernels
 (`triton_kernels.router_*`) that read x in bf16 and W as it is stored, and multiply and add in
 IEEE fp32 on the CUDA cores (no TF32): logits (one launch), dL/dx (one launch, one rounding to
-bf16) and dL/dW (partial sums over chunks of 1024 tokens, tokens in order, then one sum over the
-chunks: deterministic, no atomics). Their accuracy is an fp32 SGEMM's (within D·2^-24 of Σ|x||w|
-element by element), and the work is a few microseconds of memory traffic: the bf16-part GEMMs
-below take about 40 launches a layer for their splits, concatenations and sums (in the Mixtral
-step an estimated 0.5–0.7 ms of kernels and launch gaps: bench/RESULTS.md, tenth round).
+bf16) and dL/dW (partial sums over chunks of 512 tokens, then one sum over the chunks:
+deterministic, no atomics). Their accuracy is an fp32 SGEMM's (within D·2^-24 of Σ|x||w| element
+by element), and their work is mostly memory traffic (reading or writing x once each). The
+bf16-part GEMMs below take about 40 launches a layer for their splits, concatenations and sums
+(bench/RESULTS.md, tenth round); in the Mixtral step they and `torch.topk` took about 1.1 ms, the
+first version of these kernels (tl.dot's fp32 path, 64 tokens a program) 1.35 ms by itself
+(eleventh round), which the launch shapes below are for.
 
 Wider routers (or without Triton), the bf16 parts:
 
@@ -73,7 +75,11 @@ _BF16 = torch.bfloat16
 # each for up to 16 experts (about 10-20 µs at the bench shapes), four times that at 64 experts
 # (S2: ~75 µs a kernel, ~2% of its layer), where the tensor cores' GEMMs are the cheaper way.
 FP32_KERNEL_MAX_EXPERTS = 16
-_BLOCK_T, _BLOCK_D, _CHUNK = 64, 64, 1024
+# Launch shapes. A logits or dW program holds ACC fp32 products (64 registers a thread at four
+# warps), over 128 features (logits) or 64 (dW) and as many tokens as the experts leave room for
+# (Mixtral's 8: 8 tokens a logits program, 16 a dW step). dL/dW sums chunks of CHUNK tokens.
+_ACC, _LOGITS_BLOCK_D, _DW_BLOCK_D, _CHUNK = 8192, 128, 64, 512
+_DX_BLOCK_T, _DX_BLOCK_D = 16, 256
 
 
 def applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
@@ -156,7 +162,7 @@ def fp32_kernels(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
 
 
 def _block_e(E: int) -> int:
-    return max(16, 1 << (E - 1).bit_length())  # tl.dot takes at least 16
+    return max(2, 1 << (E - 1).bit_length())
 
 
 def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
@@ -165,10 +171,12 @@ def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
     if T and E:
         tk = kernels()
+        block_e = _block_e(E)
+        block_t = max(1, _ACC // (block_e * _LOGITS_BLOCK_D))
         with launch_device(x_TD):
-            tk.router_logits_kernel[(tk.triton.cdiv(T, _BLOCK_T),)](
+            tk.router_logits_kernel[(tk.triton.cdiv(T, block_t),)](
                 x_TD, weight_ED, logits_TE, T, D, E, x_TD.stride(0),
-                BLOCK_T=_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_BLOCK_D,
+                BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=_LOGITS_BLOCK_D,
             )  # fmt: skip
     return logits_TE
 
@@ -180,9 +188,9 @@ def _dx_fp32(grad_TE: torch.Tensor, weight_ED: torch.Tensor, dtype: torch.dtype)
     if T and D:
         tk = kernels()
         with launch_device(grad_TE):
-            tk.router_dx_kernel[(tk.triton.cdiv(T, _BLOCK_T), tk.triton.cdiv(D, _BLOCK_D))](
+            tk.router_dx_kernel[(tk.triton.cdiv(T, _DX_BLOCK_T), tk.triton.cdiv(D, _DX_BLOCK_D))](
                 grad_TE, weight_ED, dx_TD, T, D, E, dx_TD.stride(0),
-                BLOCK_T=_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_BLOCK_D,
+                BLOCK_T=_DX_BLOCK_T, BLOCK_D=_DX_BLOCK_D,
             )  # fmt: skip
     return dx_TD
 
@@ -195,10 +203,11 @@ def _dw_fp32(grad_TE: torch.Tensor, x_TD: torch.Tensor, dtype: torch.dtype) -> t
     chunks = -(-T // _CHUNK)
     parts_CED = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)  # all written
     tk = kernels()
+    block_e = _block_e(E)
     with launch_device(x_TD):
-        tk.router_dw_kernel[(tk.triton.cdiv(D, _BLOCK_D), chunks)](
+        tk.router_dw_kernel[(tk.triton.cdiv(D, _DW_BLOCK_D), chunks)](
             grad_TE, x_TD, parts_CED, T, D, E, x_TD.stride(0),
-            CHUNK=_CHUNK, BLOCK_T=_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_BLOCK_D,
+            CHUNK=_CHUNK, BLOCK_T=_ACC // (block_e * _DW_BLOCK_D), BLOCK_E=block_e, BLOCK_D=_DW_BLOCK_D,
         )  # fmt: skip
     return (parts_CED[0] if chunks == 1 else parts_CED.sum(0)).to(dtype)
 

@@ -278,9 +278,12 @@ def scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offsets, (x * s).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-# The fp32 router (`upcycle.kernels.router_gemm`): IEEE fp32 products and sums on the CUDA cores
-# (input_precision="ieee": no TF32), bf16 or fp32 operands read as they are and upcast in
-# registers. Experts padded to BLOCK_E (at least 16, what tl.dot takes) with zeros.
+# The fp32 router (`upcycle.kernels.router_gemm`): IEEE fp32 multiply-adds on the CUDA cores,
+# bf16 or fp32 operands read as they are and upcast in registers. No tl.dot: its fp32 path pads
+# the experts to 16 and stages both operands through shared memory, and at the launch shapes it
+# needed (64 tokens a program) too few programs were in flight to hide the loads (run ZB: 0.10 ms
+# for the Mixtral step's logits, where reading x takes 0.01). Products accumulate element-wise
+# in an [experts × tokens × features] block and are summed once at the end, in a fixed order.
 @triton.jit
 def _tile_f32(ptr, rows, cols, stride_row, stride_col, R, C):
     # the tile ptr[r · stride_row + c · stride_col] for r in rows, c in cols, as fp32; 0 outside R × C
@@ -298,31 +301,33 @@ def router_logits_kernel(
     # out[t, e] = Σ_d x[t, d] · w[e, d], fp32
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         x = _tile_f32(x_ptr, rows, cols, stride_x, 1, T, D)
-        w_t = _tile_f32(w_ptr, cols, experts, 1, D, D, E)  # [BLOCK_D, BLOCK_E]
-        acc = tl.dot(x, w_t, acc, input_precision="ieee")
+        w = _tile_f32(w_ptr, experts, cols, D, 1, E, D)
+        acc += x[:, None, :] * w[None, :, :]
+    out = tl.sum(acc, axis=2)
     tl.store(
-        out_ptr + rows[:, None] * E + experts[None, :], acc, mask=(rows[:, None] < T) & (experts[None, :] < E)
+        out_ptr + rows[:, None] * E + experts[None, :], out, mask=(rows[:, None] < T) & (experts[None, :] < E)
     )
 
 
 @triton.jit
 def router_dx_kernel(
     g_ptr, w_ptr, dx_ptr, T, D, E, stride_dx,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # dx[t, d] = Σ_e g[t, e] · w[e, d] in fp32, rounded once to dx's dtype
+    # dx[t, d] = Σ_e g[t, e] · w[e, d] in fp32, experts in order, rounded once to dx's dtype
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    experts = tl.arange(0, BLOCK_E)
-    g = _tile_f32(g_ptr, rows, experts, E, 1, T, E)
-    w = _tile_f32(w_ptr, experts, cols, D, 1, E, D)
-    dx = tl.dot(g, w, input_precision="ieee")
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for e in range(E):
+        g = tl.load(g_ptr + rows * E + e, mask=rows < T, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        acc += g[:, None] * w[None, :]
     mask = (rows[:, None] < T) & (cols[None, :] < D)
-    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -330,15 +335,15 @@ def router_dw_kernel(
     g_ptr, x_ptr, part_ptr, T, D, E, stride_x,
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # part[c, e, d] = Σ_{t in chunk c} g[t, e] · x[t, d], fp32, tokens in order within the chunk
+    # part[c, e, d] = Σ_{t in chunk c} g[t, e] · x[t, d], fp32
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     chunk = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)
-    acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_E, BLOCK_T, BLOCK_D), dtype=tl.float32)
     for t0 in range(0, CHUNK, BLOCK_T):
         rows = chunk.to(tl.int64) * CHUNK + t0 + tl.arange(0, BLOCK_T)
         g_t = _tile_f32(g_ptr, experts, rows, 1, E, E, T)  # [BLOCK_E, BLOCK_T]
         x = _tile_f32(x_ptr, rows, cols, stride_x, 1, T, D)
-        acc = tl.dot(g_t, x, acc, input_precision="ieee")
+        acc += g_t[:, :, None] * x[None, :, :]
     out = part_ptr + chunk.to(tl.int64) * E * D + experts[:, None] * D + cols[None, :]
-    tl.store(out, acc, mask=(experts[:, None] < E) & (cols[None, :] < D))
+    tl.store(out, tl.sum(acc, axis=1), mask=(experts[:, None] < E) & (cols[None, :] < D))
