@@ -241,6 +241,32 @@ def test_fp32_kernels_in_the_interpreter():
     assert run_interpreted(FP32_KERNELS).strip().endswith("ok")
 
 
+@needs_triton
+def test_router_kernels_bench_smoke() -> None:
+    """bench/router_kernels.py in the interpreter: the module's launch shapes and the variants
+    agree with fp64 within their bounds, and a table comes out."""
+    out = run_interpreted(
+        "import sys\nsys.path.insert(0, 'bench')\nfrom benchlib import load_script\n"
+        "assert load_script('router_kernels').main(['--cpu-smoke']) == 0\n"
+    )
+    rows = [
+        line.split(" | ")
+        for line in out.splitlines()
+        if line.startswith(("| logits", "| dx", "| dw", "| router"))
+    ]
+    assert [r[0] for r in rows] == [
+        "| logits (module's)",
+        "| dx (module's)",
+        "| dw (module's)",
+        "| logits (acc 4096)",
+        "| dx (dx_block_t 8, dx_block_d 64)",
+        "| dw (chunk 64)",
+        "| router fwd+bwd, fp32 kernels",
+        "| router fwd+bwd, upcast fp32 GEMM",
+    ]
+    assert all(r[-1] == "ok |" for r in rows)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])

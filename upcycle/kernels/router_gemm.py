@@ -204,10 +204,11 @@ def _dw_fp32(grad_TE: torch.Tensor, x_TD: torch.Tensor, dtype: torch.dtype) -> t
     parts_CED = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)  # all written
     tk = kernels()
     block_e = _block_e(E)
+    block_t = max(1, _ACC // (block_e * _DW_BLOCK_D))  # powers of two up to 64: CHUNK's divisors
     with launch_device(x_TD):
         tk.router_dw_kernel[(tk.triton.cdiv(D, _DW_BLOCK_D), chunks)](
             grad_TE, x_TD, parts_CED, T, D, E, x_TD.stride(0),
-            CHUNK=_CHUNK, BLOCK_T=_ACC // (block_e * _DW_BLOCK_D), BLOCK_E=block_e, BLOCK_D=_DW_BLOCK_D,
+            CHUNK=_CHUNK, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=_DW_BLOCK_D,
         )  # fmt: skip
     return (parts_CED[0] if chunks == 1 else parts_CED.sum(0)).to(dtype)
 
