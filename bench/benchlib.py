@@ -6,8 +6,10 @@ a script runs from the command line and when a test loads it from its file).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -20,6 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
+H100_BANDWIDTH_TBS = 3.35  # an H100 SXM's HBM3, what the memory-bound benches measure against
 
 
 def load_script(name: str):
@@ -67,6 +70,17 @@ def environment(device: torch.device, **extra: object) -> dict[str, object]:
         info["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
     info.update(extra)
     return info
+
+
+def write_rows(path: Path, device: torch.device, rows: list, **extra: object) -> None:
+    """A bench's rows (dataclasses) and its environment (`environment`, plus `extra`) as JSON."""
+    payload = {"env": environment(device, **extra), "rows": [dataclasses.asdict(r) for r in rows]}
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a result table's header, "cpu" for the CPU smoke runs."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def synchronize(device: torch.device) -> None:

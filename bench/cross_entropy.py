@@ -17,11 +17,10 @@ CPU smoke:    python bench/cross_entropy.py --cpu-smoke   (Triton's interpreter,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import environment, run_header, time_calls
+from benchlib import H100_BANDWIDTH_TBS, device_name, run_header, time_calls, write_rows
 
-H100_BANDWIDTH_TBS = 3.35
 # (block, warps): the default for V = 32000 first (the row in registers), then blocked ones
 CONFIGS = [
     (32768, 32),
@@ -113,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         ms = statistics.median(time_calls(lambda fn=fn: fn(logits), device, 3, args.steps))
         rows.append(Row(name, ms, bytes_moved / (ms * 1e-3) / 1e12, 0.0, 0.0, True))
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(run_header(device_name))
+    print(run_header(device_name(device)))
     print(f"T {T}, V {V}, bf16 logits: {bytes_moved / 1e9:.2f} GB for one read and one write")
     print(
         "| implementation | ms | TB/s (one read + one write) | of 3.35 TB/s | max |Δ loss| | max |Δ grad| ÷ one rounding | check |"
@@ -124,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.name} | {r.ms:.3f} | {r.tb_per_s:.2f} | {r.tb_per_s / H100_BANDWIDTH_TBS:.0%} | "
               f"{r.loss_err:.1e} | {r.grad_excess:.2f} | {'ok' if r.ok else 'MISMATCH'} |")  # fmt: skip
     if args.json:
-        args.json.write_text(
-            json.dumps({"env": environment(device), "rows": [asdict(r) for r in rows]}, indent=2)
-        )
+        write_rows(args.json, device, rows)
     return 0 if all(r.ok for r in rows) else 1
 
 

@@ -17,10 +17,9 @@ CPU smoke:    python bench/optimizer_step.py --cpu-smoke   (tiny model, figures 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,14 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import environment, fmt, load_script, run_header, time_calls
+from benchlib import H100_BANDWIDTH_TBS, device_name, fmt, load_script, run_header, time_calls, write_rows
 
 from upcycle.model import Transformer
 from upcycle.train.build import cast_to_bf16_weights
 from upcycle.train.config import OptimizerConfig
 from upcycle.train.optim import AdamW, build_optimizer
-
-H100_BANDWIDTH_TBS = 3.35
 
 
 @dataclass
@@ -146,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         Row("device copy (read + write)", copy_ms, copy_tbs, copy_tbs / H100_BANDWIDTH_TBS, 0.0, True)
     )
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(run_header(name))
+    print(run_header(device_name(device)))
     print(f"{numel / 1e6:.1f}M parameters, {args.precision}, {bytes_moved / 1e9:.2f} GB moved per step")
     print("| implementation | ms | TB/s | of 3.35 TB/s | max Δ vs torch (÷ one rounding) | check |")
     print("|---|---|---|---|---|---|")
@@ -155,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.name} | {r.ms:.3f} | {r.tb_per_s:.2f} | {r.of_peak:.0%} | {fmt(r.max_ulps, '.2f')} | "
               f"{'ok' if r.ok else 'MISMATCH'} |")  # fmt: skip
     if args.json:
-        payload = {"env": environment(device, precision=args.precision), "rows": [asdict(r) for r in rows]}
-        args.json.write_text(json.dumps(payload, indent=2))
+        write_rows(args.json, device, rows, precision=args.precision)
     return 0 if all(r.ok for r in rows) else 1
 
 

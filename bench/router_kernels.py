@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,9 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import environment, run_header, time_calls
+from benchlib import H100_BANDWIDTH_TBS, device_name, run_header, time_calls, write_rows
 
-H100_BANDWIDTH_TBS = 3.35
 # launch shapes tried beside the module's own: (kernel, {constant: value})
 VARIANTS = [
     ("logits", {"_ACC": 4096}),
@@ -150,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             ms = statistics.median(time_calls(lambda fn=fn: fn(x, w), device, 3, args.steps))
         rows.append(Row(name, ms, 3 * bytes_moved / (ms * 1e-3) / 1e12, 0.0, True))
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(run_header(device_name))
+    print(run_header(device_name(device)))
     print(f"T {T}, D {D}, E {E}: x is {bytes_moved / 1e6:.1f} MB (bf16); the router rows move it three times")
     print("| kernel (launch shape) | ms | TB/s (x once) | of 3.35 TB/s | max error ÷ bound | check |")
     print("|---|---|---|---|---|---|")
@@ -159,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.name} | {r.ms:.4f} | {r.tb_per_s:.2f} | {r.tb_per_s / H100_BANDWIDTH_TBS:.0%} | "
               f"{r.excess:.2f} | {'ok' if r.ok else 'MISMATCH'} |")  # fmt: skip
     if args.json:
-        args.json.write_text(
-            json.dumps({"env": environment(device), "rows": [asdict(r) for r in rows]}, indent=2)
-        )
+        write_rows(args.json, device, rows)
     return 0 if all(r.ok for r in rows) else 1
 
 
