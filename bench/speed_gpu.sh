@@ -3,8 +3,8 @@
 # and whole-step benchmarks; every output lands in $OUT (default runs/speed).
 #
 # Usage: bash bench/speed_gpu.sh [parts...]
-#   parts: tests gemm gather profile layer attention step tuned quick bf16w ab
-#   (default: all but tuned, quick, bf16w and ab)
+#   parts: tests gemm gather profile layer attention step tuned quick bf16w ab router
+#   (default: all but tuned, quick, bf16w, ab and router)
 #
 # `ab` times the graphed Mixtral step of this tree and of an older one on the same card in one
 # call, new / old / new (one file, step.txt): make the older tree here first with
@@ -16,6 +16,8 @@
 # compiled with and without `--cuda-graph`, graphed with the dispatched rows kept, transformers bf16 eager), where the launched step waits for the host (bench/host_lag.py), both attention
 # variants, the S1, S2 and S3 layers with their CUDA-graph rows, every GPU test, the AdamW step
 # alone (torch's fused kernel against upcycle's) and the graphed bf16-weights step's profile.
+# `router` times the fp32 router's kernels alone (bench/router_kernels.py: launch-shape variants,
+# the bf16 parts, the upcast GEMM) at the Mixtral step's router and the attention experts'.
 # `bf16w` diagnoses the compiled bf16-weights step that run G measured host-bound
 # (bench/RESULTS.md, fifth round): graph breaks and recompiles, the step with the router operator
 # switched off, the corrected idle table and the host's Python functions (gpu_profile.py --host)
@@ -105,6 +107,11 @@ runpy.run_path('bench/train_step.py', run_name='__main__')" 2>&1 | tail -1 | sed
     timeout 110 python3 bench/gpu_profile.py step $c --compile --top 30 --host >> "$OUT/bf16w_profile.md" 2>&1
   done
   grep -A14 "GPU idle\|^Host under" "$OUT/bf16w_profile.md" | cut -c1-200
+fi
+if has router; then
+  timeout 150 python3 bench/router_kernels.py --json "$OUT/router.json" > "$OUT/router.txt" 2>&1
+  timeout 150 python3 bench/router_kernels.py --tokens 8192 --dim 4096 --experts 4 >> "$OUT/router.txt" 2>&1
+  grep -E "^(T |\| (logits|dx|dw|router))" "$OUT/router.txt"
 fi
 if has tuned; then
   timeout 150 python3 bench/grouped_gemm.py --shapes S2 --json "$OUT/gemm_tuned.json" > "$OUT/gemm_tuned.txt" 2>&1
