@@ -13,9 +13,9 @@ bf16) and dL/dW (partial sums over chunks of 512 tokens, then one sum over the c
 deterministic, no atomics). Their accuracy is an fp32 SGEMM's (within D·2^-24 of Σ|x||w| element
 by element), and their work is mostly memory traffic (reading or writing x once each). The
 bf16-part GEMMs below take about 40 launches a layer for their splits, concatenations and sums
-(bench/RESULTS.md, tenth round); in the Mixtral step they and `torch.topk` took about 1.1 ms, the
-first version of these kernels (tl.dot's fp32 path, 64 tokens a program) 1.35 ms by itself
-(eleventh round), which the launch shapes below are for.
+(bench/RESULTS.md, tenth round): about 1.0 ms of the Mixtral step, where the first version of
+these kernels (tl.dot's fp32 path, 64 tokens a program) took 1.36 ms (eleventh round), which the
+kernels and launch shapes below are rewritten for.
 
 Wider routers (or without Triton), the bf16 parts:
 
@@ -71,9 +71,9 @@ from upcycle.kernels.swiglu import (
 _BF16 = torch.bfloat16
 
 # Routers of up to this many experts run as the fp32 Triton kernels (`fp32_kernels`); wider ones
-# take the bf16-part GEMMs. The kernels multiply on the CUDA cores, T·16·D fused multiply-adds
-# each for up to 16 experts (about 10-20 µs at the bench shapes), four times that at 64 experts
-# (S2: ~75 µs a kernel, ~2% of its layer), where the tensor cores' GEMMs are the cheaper way.
+# take the bf16-part GEMMs. The kernels multiply on the CUDA cores, T·E·D multiply-adds each (E
+# padded to a power of two); at 64 experts (S2) that is four times the work at 16, where the
+# tensor cores' GEMMs are the cheaper way. 0 sends every router to the bf16 parts.
 FP32_KERNEL_MAX_EXPERTS = 16
 # Launch shapes. A logits or dW program holds ACC fp32 products (64 registers a thread at four
 # warps), over 128 features (logits) or 64 (dW) and as many tokens as the experts leave room for
