@@ -6,6 +6,7 @@ a script runs from the command line and when a test loads it from its file).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -15,7 +16,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -70,6 +71,20 @@ def environment(device: torch.device, **extra: object) -> dict[str, object]:
         info["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
     info.update(extra)
     return info
+
+
+@contextlib.contextmanager
+def module_constants(module, values: dict[str, object]) -> Iterator[None]:
+    """A module's switches or launch constants (module-level names) set to `values` for the
+    block, then restored: the knobs the benches vary without changing the library's code."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def write_rows(path: Path, device: torch.device, rows: list, **extra: object) -> None:

@@ -50,7 +50,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,7 +63,15 @@ for _path in (REPO, REPO / "bench"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from benchlib import environment, fmt, ratio, relative_error, synchronize, time_calls  # noqa: E402
+from benchlib import (  # noqa: E402
+    environment,
+    fmt,
+    module_constants,
+    ratio,
+    relative_error,
+    synchronize,
+    time_calls,
+)
 
 from upcycle.kernels import gather_gemm  # noqa: E402
 from upcycle.kernels import grouped_moe as grouped_moe_kernel  # noqa: E402
@@ -402,16 +410,10 @@ def measure(
     return result
 
 
-@contextlib.contextmanager
-def kernel_switch(name: str, value: object) -> Iterator[None]:
+def kernel_switch(name: str, value: object) -> contextlib.AbstractContextManager[None]:
     """One of `upcycle.kernels.grouped_moe`'s module switches set to `value` for the block, then
     restored. The switches the benches vary are read in forward, which decides for backward."""
-    previous = getattr(grouped_moe_kernel, name)
-    setattr(grouped_moe_kernel, name, value)
-    try:
-        yield
-    finally:
-        setattr(grouped_moe_kernel, name, previous)
+    return module_constants(grouped_moe_kernel, {name: value})
 
 
 def device_side_counts() -> contextlib.AbstractContextManager[None]:

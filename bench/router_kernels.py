@@ -22,7 +22,6 @@ CPU smoke:    python bench/router_kernels.py --cpu-smoke   (Triton's interpreter
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import H100_BANDWIDTH_TBS, device_name, run_header, time_calls, write_rows
+from benchlib import H100_BANDWIDTH_TBS, device_name, module_constants, run_header, time_calls, write_rows
 
 # launch shapes tried beside the module's own: (kernel, {constant: value})
 VARIANTS = [
@@ -64,19 +63,6 @@ class Row:
     tb_per_s: float
     excess: float  # the largest error ÷ its bound (≤ 1: within it)
     ok: bool
-
-
-@contextlib.contextmanager
-def constants(module, values: dict[str, int]):
-    """The module's launch constants set to `values` for the block."""
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for kernel, values in [(k, {}) for k in kernels] + variants:
-        with constants(rg, values):
+        with module_constants(rg, values):
             got = kernels[kernel]().double()
             ms = statistics.median(time_calls(kernels[kernel], device, 3, args.steps))
         exact, bound = expected[kernel]
@@ -144,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         routers.append(("router fwd+bwd, bf16 parts", router, {"FP32_KERNEL_MAX_EXPERTS": 0}))
     routers.append(("router fwd+bwd, upcast fp32 GEMM", upcast, {}))
     for name, fn, values in routers:
-        with constants(rg, values):
+        with module_constants(rg, values):
             ms = statistics.median(time_calls(lambda fn=fn: fn(x, w), device, 3, args.steps))
         rows.append(Row(name, ms, 3 * bytes_moved / (ms * 1e-3) / 1e12, 0.0, True))
 

@@ -94,16 +94,15 @@ def test_router_kernels_compile_for_sm90_without_spills() -> None:
 
     i32 = "i32"
     block_e = router_gemm._block_e(router_gemm.FP32_KERNEL_MAX_EXPERTS)
-    acc = router_gemm._ACC
     sizes = {"T": i32, "D": i32, "E": i32}
-    dw_blocks = {"BLOCK_T": acc // (block_e * router_gemm._DW_BLOCK_D), "BLOCK_E": block_e,
+    dw_blocks = {"BLOCK_T": router_gemm._block_t(block_e, router_gemm._DW_BLOCK_D), "BLOCK_E": block_e,
                  "BLOCK_D": router_gemm._DW_BLOCK_D, "CHUNK": router_gemm._CHUNK}  # fmt: skip
     dw = {"g_ptr": "*fp32", "x_ptr": "*bf16", "part_ptr": "*fp32", **sizes, "stride_x": i32}
     compiled = [compile_sm90(tk.router_dw_kernel, dw, dw_blocks)]
     for w in ("*fp32", "*bf16"):  # an fp32 router, or a bf16 checkpoint's
         logits = {"x_ptr": "*bf16", "w_ptr": w, "out_ptr": "*fp32", **sizes, "stride_x": i32}
         dx = {"g_ptr": "*fp32", "w_ptr": w, "dx_ptr": "*bf16", **sizes, "stride_dx": i32}
-        logits_blocks = {"BLOCK_T": acc // (block_e * router_gemm._LOGITS_BLOCK_D), "BLOCK_E": block_e,
+        logits_blocks = {"BLOCK_T": router_gemm._block_t(block_e, router_gemm._LOGITS_BLOCK_D), "BLOCK_E": block_e,
                          "BLOCK_D": router_gemm._LOGITS_BLOCK_D}  # fmt: skip
         dx_blocks = {"BLOCK_T": router_gemm._DX_BLOCK_T, "BLOCK_D": router_gemm._DX_BLOCK_D}
         compiled.append(compile_sm90(tk.router_logits_kernel, logits, logits_blocks))

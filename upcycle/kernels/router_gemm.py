@@ -165,6 +165,12 @@ def _block_e(E: int) -> int:
     return max(2, 1 << (E - 1).bit_length())
 
 
+def _block_t(block_e: int, block_d: int) -> int:
+    """Tokens a logits program (or dW loop step) takes: `_ACC` products over `block_e` experts and
+    `block_d` features; powers of two up to 64, so they divide `_CHUNK`."""
+    return max(1, _ACC // (block_e * block_d))
+
+
 def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     x_TD, weight_ED = unit_stride_rows(x_TD), weight_ED.contiguous()
     (T, D), E = x_TD.shape, weight_ED.shape[0]
@@ -172,7 +178,7 @@ def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     if T and E:
         tk = kernels()
         block_e = _block_e(E)
-        block_t = max(1, _ACC // (block_e * _LOGITS_BLOCK_D))
+        block_t = _block_t(block_e, _LOGITS_BLOCK_D)
         with launch_device(x_TD):
             tk.router_logits_kernel[(tk.triton.cdiv(T, block_t),)](
                 x_TD, weight_ED, logits_TE, T, D, E, x_TD.stride(0),
@@ -204,7 +210,7 @@ def _dw_fp32(grad_TE: torch.Tensor, x_TD: torch.Tensor, dtype: torch.dtype) -> t
     parts_CED = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)  # all written
     tk = kernels()
     block_e = _block_e(E)
-    block_t = max(1, _ACC // (block_e * _DW_BLOCK_D))  # powers of two up to 64: CHUNK's divisors
+    block_t = _block_t(block_e, _DW_BLOCK_D)
     with launch_device(x_TD):
         tk.router_dw_kernel[(tk.triton.cdiv(D, _DW_BLOCK_D), chunks)](
             grad_TE, x_TD, parts_CED, T, D, E, x_TD.stride(0),
