@@ -1,4 +1,6 @@
-"""The AdamW step alone: torch's fused AdamW against upcycle's (`upcycle.train.optim.AdamW`).
+"""The AdamW step alone: torch's fused AdamW against upcycle's (`upcycle.train.optim.AdamW`); and
+the gradient norm that clipping computes before it: torch's `get_total_norm` against
+`upcycle.kernels.grad_norm.total_norm`, each compared with fp64's norm.
 
 The parameters are those of bench/train_step.py's Mixtral-shaped model (640M), in the trainer's
 two groups (decayed and not), with the `grad_scale` and `found_inf` tensors that
@@ -17,6 +19,7 @@ CPU smoke:    python bench/optimizer_step.py --cpu-smoke   (tiny model, figures 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import H100_BANDWIDTH_TBS, device_name, fmt, load_script, run_header, time_calls, write_rows
 
+from upcycle.kernels import grad_norm
 from upcycle.model import Transformer
 from upcycle.train.build import cast_to_bf16_weights
 from upcycle.train.config import OptimizerConfig
@@ -135,6 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     rows[1].max_ulps = worst
     rows[1].ok = worst <= 1.0
 
+    # the gradient norm before it (clipping): torch's get_total_norm against upcycle's pass
+    exact = math.sqrt(sum(g.double().square().sum().item() for g in grads))
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+    for name, norm_of in (("gradient norm: torch get_total_norm", lambda: torch.nn.utils.get_total_norm(grads)),
+                          ("gradient norm: upcycle total_norm", lambda: grad_norm.total_norm(grads))):  # fmt: skip
+        if "upcycle" in name and not grad_norm.supports(grads):
+            continue  # the CPU without Triton's interpreter: torch's path only
+        units = abs(norm_of().item() - exact) / (exact * 2.0**-24)  # in fp32 roundings of the norm
+        ms = statistics.median(time_calls(norm_of, device, warmup, steps))
+        tbs = grad_bytes / (ms * 1e-3) / 1e12
+        # upcycle's is within fp32's summation bound (tests/test_grad_norm.py); torch's rounds
+        # each tensor's norm to the gradients' dtype, so it is shown, not checked
+        ok = name.startswith("gradient norm: torch") or units <= 32
+        rows.append(Row(name, ms, tbs, tbs / H100_BANDWIDTH_TBS, units, ok))
+
     copy_src = torch.empty(1 << (20 if args.cpu_smoke else 30), dtype=torch.bfloat16, device=device)
     copy_dst = torch.empty_like(copy_src)
     copy_ms = statistics.median(time_calls(lambda: copy_dst.copy_(copy_src), device, warmup, steps))
@@ -145,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(run_header(device_name(device)))
     print(f"{numel / 1e6:.1f}M parameters, {args.precision}, {bytes_moved / 1e9:.2f} GB moved per step")
-    print("| implementation | ms | TB/s | of 3.35 TB/s | max Δ vs torch (÷ one rounding) | check |")
+    print(
+        "| implementation | ms | TB/s | of 3.35 TB/s | AdamW: max Δ vs torch (÷ one rounding); norm: Δ vs fp64 (fp32 roundings) | check |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.ms:.3f} | {r.tb_per_s:.2f} | {r.of_peak:.0%} | {fmt(r.max_ulps, '.2f')} | "

@@ -347,3 +347,16 @@ def router_dw_kernel(
         acc += g_t[:, :, None] * x[None, :, :]
     out = part_ptr + chunk.to(tl.int64) * E * D + experts[:, None] * D + cols[None, :]
     tl.store(out, tl.sum(acc, axis=1), mask=(experts[:, None] < E) & (cols[None, :] < D))
+
+
+@triton.jit
+def sum_squares_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # one program: ITERS blocks of BLOCK consecutive elements, each lane's squares summed in fp32,
+    # then the lanes summed; the partial is stored in fp64 for the caller's fp64 total
+    start = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(ITERS):
+        offsets = start + i * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offsets, mask=offsets < N, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0).to(tl.float64))

@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from upcycle.kernels import grad_norm as fused_grad_norm
 from upcycle.kernels.dispatch import expert_counts, sort_by_expert
 from upcycle.model.moe import Experts, MoE, eager_experts
 
@@ -266,7 +267,8 @@ def _sharded_over_all_ranks(grads: list[torch.Tensor]) -> bool:
 def grad_norm(parameters: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The global L2 norm of the gradients of `parameters`, as a plain tensor.
 
-    Gradients on one mesh (every run without EP) take exactly the path of
+    Plain gradients on one GPU take `upcycle.kernels.grad_norm.total_norm` (one pass over each
+    large tensor, fp64 partial sums: at least as accurate as torch's). Other gradients on one mesh (FSDP2 without EP) take exactly the path of
     `torch.nn.utils.get_total_norm` + `full_tensor()`. Gradients on several meshes (EP: the
     world and (dp, ep)) that are sharded with no replica, as FSDP2 and EP leave them, add the
     squares of their local shards and sum those over all ranks with one all-reduce.
@@ -274,6 +276,8 @@ def grad_norm(parameters: list[torch.Tensor], device: torch.device) -> torch.Ten
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros((), device=device)
+    if fused_grad_norm.supports(grads):  # plain tensors on one GPU: large ones read once each
+        return fused_grad_norm.total_norm(grads)
     groups = _by_mesh(grads)
     if len(groups) == 1:
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)

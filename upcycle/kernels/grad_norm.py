@@ -1,0 +1,70 @@
+"""The global L2 norm of a model's gradients, large tensors read once each at memory bandwidth.
+
+Gradient clipping needs ‖g‖₂ over every gradient before the optimiser step. torch's
+`get_total_norm` runs `_foreach_norm`, whose multi-tensor launches cut each tensor into small
+chunks: 0.61 ms a step for the 1.28 GB of bf16 gradients of the Mixtral-shaped bench model, 2.1
+TB/s on an H100 (bench/RESULTS.md, ninth round), where one pass at the card's reachable
+bandwidth (~3.0 TB/s) takes about 0.43 ms. It also rounds each tensor's norm to the gradients'
+dtype before combining them (bf16: 3 significant digits).
+
+`total_norm` reads each tensor of at least `MIN_NUMEL` elements with one Triton launch
+(`sum_squares_kernel`): squares and per-lane sums in fp32, one fp64 partial a program; the
+smaller tensors (norm weights, routers, attention projections) go to `_foreach_norm` with fp32
+results, which packs them into few launches. Partials and small norms are summed in fp64, so the
+result is within fp32's summation bound of the exact norm of the stored gradients (tests/
+test_grad_norm.py checks it against fp64), i.e. at least as accurate as torch's. A non-finite
+gradient gives a non-finite norm (inf², NaN propagate), which is what `TrainStep`'s skip/stop
+policy looks for. Returns fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from upcycle.kernels.adamw import MIN_NUMEL  # the same "large tensor" as AdamW's pass
+from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, triton_interpreted
+
+_BLOCK = 4096
+_ITERS = 8  # blocks a program: 32K elements, 64 KB of bf16
+
+
+def supports(grads: list[torch.Tensor]) -> bool:
+    """Whether `total_norm` takes `grads`: plain float tensors on one CUDA device (or the CPU
+    under Triton's interpreter), Triton importable. DTensors (FSDP2) keep torch's path."""
+    if not grads or not triton_installed():
+        return False
+    device = grads[0].device
+    return all(
+        type(g) is torch.Tensor and not g.is_sparse and g.is_floating_point() and g.device == device
+        for g in grads
+    ) and (device.type == "cuda" or triton_interpreted())
+
+
+def _programs(numel: int) -> int:
+    return -(-numel // (_BLOCK * _ITERS))
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """‖grads‖₂ over all elements of all tensors, an fp32 scalar on their device (module
+    docstring). Requires `supports(grads)`."""
+    large = [g for g in grads if g.numel() >= MIN_NUMEL]
+    small = [g for g in grads if g.numel() < MIN_NUMEL]
+    device = grads[0].device
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    if large:
+        # contiguous: a transposed or sliced gradient (rare) is copied once
+        large = [g if g.is_contiguous() else g.contiguous() for g in large]
+        partials = torch.empty(sum(_programs(g.numel()) for g in large), dtype=torch.float64, device=device)
+        tk, offset = kernels(), 0
+        with launch_device(large[0]):
+            for g in large:
+                count = _programs(g.numel())
+                tk.sum_squares_kernel[(count,)](
+                    g, partials[offset:], g.numel(), BLOCK=_BLOCK, ITERS=_ITERS, num_warps=8
+                )
+                offset += count
+        squares = squares + partials.sum()
+    if small:
+        norms = torch._foreach_norm(small, 2.0, dtype=torch.float32)
+        squares = squares + torch.stack(norms).double().square().sum()
+    return squares.sqrt().float()
