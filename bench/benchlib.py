@@ -126,6 +126,28 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, step
     return [start.elapsed_time(end) for start, end in events]
 
 
+def time_graphed(
+    fn: Callable[[], object], device: torch.device, warmup: int, steps: int, calls: int = 20
+) -> list[float]:
+    """Milliseconds a call of `fn` takes on the GPU with no host in the way: `calls` calls
+    captured in one CUDA graph, each of `steps` replays timed by CUDA events and divided by
+    `calls` (as the graphed training step runs its kernels). A short kernel timed by
+    `time_calls` also times its launch from Python. On the CPU: `time_calls`."""
+    if device.type != "cuda":
+        return time_calls(fn, device, warmup, steps)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # first calls (Triton's compiles, allocations) outside the capture
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return [ms / calls for ms in time_calls(graph.replay, device, 1, steps)]
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in fp32; NaN when `actual` holds a NaN or an inf."""
     actual, expected = actual.float(), expected.float()

@@ -3,7 +3,8 @@ clipping on a GPU (through `upcycle.train.expert_parallel.grad_norm`).
 
 - Through Triton's CPU interpreter, with the block shrunk so that tensors span several programs
   and end in partial blocks: the norm of bf16 / fp32 / non-contiguous / empty tensors, large and
-  small mixed, against fp64's norm of the stored values within fp32's summation bound; inf and
+  small mixed, against fp64's norm of the stored values within fp32's summation bound
+  (`grad_norm.error_bound`); inf and
   NaN come through; every large tensor is read by the kernel (launches counted) and
   `expert_parallel.grad_norm` takes this path.
 - Without the interpreter on the CPU: not taken (torch's `get_total_norm` as before).
@@ -25,26 +26,10 @@ needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="Triton is not installed"
 )
 
-U = 2.0**-24  # fp32's unit roundoff
-
-
-def bound(grads: list[torch.Tensor], min_numel: int, block: int, iters: int) -> float:
-    """How far `total_norm` may be from the exact norm of `grads`: each large tensor's squares
-    summed in fp32 over `iters` terms a lane then a tree of `block` lanes, each small tensor's by
-    `_foreach_norm` in fp32 (at worst n terms in a row), the fp64 total exact by comparison, and
-    the final rounding to fp32."""
-    large = sum(g.double().square().sum().item() for g in grads if g.numel() >= min_numel)
-    small_terms = [(g.numel(), g.double().square().sum().item()) for g in grads if g.numel() < min_numel]
-    squares_error = (2 + iters + math.log2(block)) * U * large + sum((n + 2) * U * s for n, s in small_terms)
-    norm = math.sqrt(large + sum(s for _, s in small_terms))
-    return squares_error / (2 * norm) + U * norm if norm else 0.0
-
-
 INTERPRETED = """
 import math, torch
 from upcycle.kernels import grad_norm as gn, triton_kernels as tk
 from upcycle.train.expert_parallel import grad_norm
-from test_grad_norm import bound
 
 gn.MIN_NUMEL, gn._BLOCK, gn._ITERS = 300, 64, 2   # 128 elements a program
 
@@ -73,7 +58,7 @@ for name, grads in cases.items():
     norm = gn.total_norm(grads)
     exact = math.sqrt(sum(t.double().square().sum().item() for t in grads))
     error = abs(norm.item() - exact)
-    limit = bound(grads, gn.MIN_NUMEL, gn._BLOCK, gn._ITERS)
+    limit = gn.error_bound(grads)
     assert norm.dtype == torch.float32 and norm.shape == ()
     assert error <= limit, (name, norm.item(), exact, error, limit)
     assert counted.launches - before == sum(t.numel() >= gn.MIN_NUMEL for t in grads), name
@@ -120,7 +105,7 @@ def test_gpu_norm_against_fp64_and_torch(dtype: torch.dtype) -> None:
     assert gn.supports(grads)
     norm = gn.total_norm(grads)
     exact = math.sqrt(sum(t.double().square().sum().item() for t in grads))
-    assert abs(norm.item() - exact) <= bound(grads, gn.MIN_NUMEL, gn._BLOCK, gn._ITERS)
+    assert abs(norm.item() - exact) <= gn.error_bound(grads)
     # torch's norm rounds each tensor's norm to the gradients' dtype first
     reference = torch.nn.utils.get_total_norm(grads, norm_type=2.0).item()
     assert abs(norm.item() - reference) <= 4 * torch.finfo(dtype).eps * exact

@@ -258,7 +258,7 @@ def test_router_kernels_bench_smoke() -> None:
         "| logits (module's)",
         "| dx (module's)",
         "| dw (module's)",
-        "| logits (acc 4096)",
+        "| logits (logits_tile 2048, logits_block_d 64)",
         "| dx (dx_block_t 8, dx_block_d 64)",
         "| dw (chunk 64)",
         "| router fwd+bwd, fp32 kernels",

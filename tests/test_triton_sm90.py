@@ -86,29 +86,30 @@ def test_element_wise_kernels_compile_for_sm90() -> None:
     )  # fmt: skip
 
 
-def test_router_kernels_compile_for_sm90_without_spills() -> None:
-    """The fp32 router's kernels (`upcycle.kernels.router_gemm`, at its widest, 16 experts): IEEE
-    fp32 multiply-adds (no TF32 tensor-core instructions), no register spills."""
-    from upcycle.kernels import router_gemm
+@pytest.mark.parametrize("experts", [8, 16])
+def test_router_kernels_compile_for_sm90_without_spills(experts: int) -> None:
+    """The fp32 router's kernels (`upcycle.kernels.router_gemm`) with its launch shapes, at
+    Mixtral's 8 experts and the widest, 16, over rows of 1024 features or more (the largest
+    tiles): IEEE fp32 multiply-adds (no TF32 tensor-core instructions), no register spills."""
+    from upcycle.kernels import router_gemm as rg
     from upcycle.kernels import triton_kernels as tk
 
     i32 = "i32"
-    block_e = router_gemm._block_e(router_gemm.FP32_KERNEL_MAX_EXPERTS)
+    block_e = rg._block_e(experts)
     sizes = {"T": i32, "D": i32, "E": i32}
-    dw_blocks = {"BLOCK_T": router_gemm._block_t(block_e, router_gemm._DW_BLOCK_D), "BLOCK_E": block_e,
-                 "BLOCK_D": router_gemm._DW_BLOCK_D, "CHUNK": router_gemm._CHUNK}  # fmt: skip
+    (dw_t, dw_d), (logits_t, logits_d) = rg.dw_blocks(4096), rg.logits_blocks(4096)
     dw = {"g_ptr": "*fp32", "x_ptr": "*bf16", "part_ptr": "*fp32", **sizes, "stride_x": i32}
-    compiled = [compile_sm90(tk.router_dw_kernel, dw, dw_blocks)]
+    dw_blocks = {"BLOCK_T": dw_t, "BLOCK_E": block_e, "BLOCK_D": dw_d, "CHUNK": rg._CHUNK}
+    compiled = [compile_sm90(tk.router_dw_kernel, dw, dw_blocks, rg._DW_WARPS)]
     for w in ("*fp32", "*bf16"):  # an fp32 router, or a bf16 checkpoint's
         logits = {"x_ptr": "*bf16", "w_ptr": w, "out_ptr": "*fp32", **sizes, "stride_x": i32}
         dx = {"g_ptr": "*fp32", "w_ptr": w, "dx_ptr": "*bf16", **sizes, "stride_dx": i32}
-        logits_blocks = {"BLOCK_T": router_gemm._block_t(block_e, router_gemm._LOGITS_BLOCK_D), "BLOCK_E": block_e,
-                         "BLOCK_D": router_gemm._LOGITS_BLOCK_D}  # fmt: skip
-        dx_blocks = {"BLOCK_T": router_gemm._DX_BLOCK_T, "BLOCK_D": router_gemm._DX_BLOCK_D}
-        compiled.append(compile_sm90(tk.router_logits_kernel, logits, logits_blocks))
-        compiled.append(compile_sm90(tk.router_dx_kernel, dx, dx_blocks))
+        logits_blocks = {"BLOCK_T": logits_t, "BLOCK_E": block_e, "BLOCK_D": logits_d}
+        dx_blocks = {"BLOCK_T": rg._DX_BLOCK_T, "BLOCK_E": block_e, "BLOCK_D": rg._DX_BLOCK_D}
+        compiled.append(compile_sm90(tk.router_logits_kernel, logits, logits_blocks, rg._LOGITS_WARPS))
+        compiled.append(compile_sm90(tk.router_dx_kernel, dx, dx_blocks, rg._DX_WARPS))
     for kernel in compiled:
-        assert "tf32" not in kernel.asm["ptx"] and spills(kernel) == 0
+        assert "tf32" not in kernel.asm["ptx"] and spills(kernel) == 0, kernel.name
 
 
 def compile_pipelined_gemm(fn, types: dict[str, str], constants: dict[str, object]):

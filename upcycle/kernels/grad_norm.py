@@ -19,13 +19,16 @@ policy looks for. Returns fp32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from upcycle.kernels.adamw import MIN_NUMEL  # the same "large tensor" as AdamW's pass
 from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, triton_interpreted
 
-_BLOCK = 4096
-_ITERS = 8  # blocks a program: 32K elements, 64 KB of bf16
+# A program reads _ITERS blocks of _BLOCK elements (32K: 64 KB of bf16) with _WARPS warps
+# (bench/optimizer_step.py varies them)
+_BLOCK, _ITERS, _WARPS = 4096, 8, 8
 
 
 def supports(grads: list[torch.Tensor]) -> bool:
@@ -60,7 +63,7 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
             for g in large:
                 count = _programs(g.numel())
                 tk.sum_squares_kernel[(count,)](
-                    g, partials[offset:], g.numel(), BLOCK=_BLOCK, ITERS=_ITERS, num_warps=8
+                    g, partials[offset:], g.numel(), BLOCK=_BLOCK, ITERS=_ITERS, num_warps=_WARPS
                 )
                 offset += count
         squares = squares + partials.sum()
@@ -68,3 +71,17 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm(small, 2.0, dtype=torch.float32)
         squares = squares + torch.stack(norms).double().square().sum()
     return squares.sqrt().float()
+
+
+def error_bound(grads: list[torch.Tensor]) -> float:
+    """How far `total_norm(grads)` may be from the exact norm of the stored values (computed here
+    in fp64, so slow: for tests and benches). Each large tensor's squares are summed in fp32,
+    `_ITERS` terms a lane then a tree over `_BLOCK` lanes; each small tensor's by `_foreach_norm`
+    in fp32 (bounded as n terms in a row); the fp64 total is exact by comparison; then the
+    square root halves the relative error, and the result is rounded once to fp32."""
+    u = 2.0**-24
+    large = sum(g.double().square().sum().item() for g in grads if g.numel() >= MIN_NUMEL)
+    small = [(g.numel(), g.double().square().sum().item()) for g in grads if g.numel() < MIN_NUMEL]
+    squares_error = (2 + _ITERS + math.log2(_BLOCK)) * u * large + sum((n + 2) * u * s for n, s in small)
+    norm = math.sqrt(large + sum(s for _, s in small))
+    return squares_error / (2 * norm) + u * norm if norm else 0.0

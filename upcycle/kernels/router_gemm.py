@@ -75,11 +75,14 @@ _BF16 = torch.bfloat16
 # padded to a power of two); at 64 experts (S2) that is four times the work at 16, where the
 # tensor cores' GEMMs are the cheaper way. 0 sends every router to the bf16 parts.
 FP32_KERNEL_MAX_EXPERTS = 16
-# Launch shapes. A logits or dW program holds ACC fp32 products (64 registers a thread at four
-# warps), over 128 features (logits) or 64 (dW) and as many tokens as the experts leave room for
-# (Mixtral's 8: 8 tokens a logits program, 16 a dW step). dL/dW sums chunks of CHUNK tokens.
-_ACC, _LOGITS_BLOCK_D, _DW_BLOCK_D, _CHUNK = 8192, 128, 64, 512
-_DX_BLOCK_T, _DX_BLOCK_D = 16, 256
+# Launch shapes (bench/router_kernels.py varies them). A logits program loads a tile of x of
+# _LOGITS_TILE elements (32 KB of bf16: many loads in flight), _LOGITS_BLOCK_D features wide (the
+# whole row up to that) and reuses it for every expert; a dW program does the same over tiles of
+# _DW_TILE elements, _DW_BLOCK_D features wide, summing chunks of _CHUNK tokens; dL/dx programs
+# write [_DX_BLOCK_T, _DX_BLOCK_D] tiles. _*_WARPS: warps a program.
+_LOGITS_TILE, _LOGITS_BLOCK_D, _LOGITS_WARPS = 16384, 1024, 8
+_DW_TILE, _DW_BLOCK_D, _CHUNK, _DW_WARPS = 16384, 128, 256, 8
+_DX_BLOCK_T, _DX_BLOCK_D, _DX_WARPS = 32, 256, 4
 
 
 def applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
@@ -165,10 +168,21 @@ def _block_e(E: int) -> int:
     return max(2, 1 << (E - 1).bit_length())
 
 
-def _block_t(block_e: int, block_d: int) -> int:
-    """Tokens a logits program (or dW loop step) takes: `_ACC` products over `block_e` experts and
-    `block_d` features; powers of two up to 64, so they divide `_CHUNK`."""
-    return max(1, _ACC // (block_e * block_d))
+def _pow2_at_most(n: int, limit: int) -> int:
+    """The smallest power of two ≥ n, at most `limit` (a power of two)."""
+    return min(limit, 1 << max(0, n - 1).bit_length())
+
+
+def logits_blocks(D: int) -> tuple[int, int]:
+    """(tokens, features) of a logits program's tile of x."""
+    block_d = _pow2_at_most(D, _LOGITS_BLOCK_D)
+    return max(1, _LOGITS_TILE // block_d), block_d
+
+
+def dw_blocks(D: int) -> tuple[int, int]:
+    """(tokens, features) of a dW program's tile of x: the tokens divide `_CHUNK`."""
+    block_d = _pow2_at_most(D, _DW_BLOCK_D)
+    return max(1, min(_CHUNK, _DW_TILE // block_d)), block_d
 
 
 def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
@@ -177,12 +191,11 @@ def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
     if T and E:
         tk = kernels()
-        block_e = _block_e(E)
-        block_t = _block_t(block_e, _LOGITS_BLOCK_D)
+        block_t, block_d = logits_blocks(D)
         with launch_device(x_TD):
             tk.router_logits_kernel[(tk.triton.cdiv(T, block_t),)](
                 x_TD, weight_ED, logits_TE, T, D, E, x_TD.stride(0),
-                BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=_LOGITS_BLOCK_D,
+                BLOCK_T=block_t, BLOCK_E=_block_e(E), BLOCK_D=block_d, num_warps=_LOGITS_WARPS,
             )  # fmt: skip
     return logits_TE
 
@@ -196,7 +209,7 @@ def _dx_fp32(grad_TE: torch.Tensor, weight_ED: torch.Tensor, dtype: torch.dtype)
         with launch_device(grad_TE):
             tk.router_dx_kernel[(tk.triton.cdiv(T, _DX_BLOCK_T), tk.triton.cdiv(D, _DX_BLOCK_D))](
                 grad_TE, weight_ED, dx_TD, T, D, E, dx_TD.stride(0),
-                BLOCK_T=_DX_BLOCK_T, BLOCK_D=_DX_BLOCK_D,
+                BLOCK_T=_DX_BLOCK_T, BLOCK_E=_block_e(E), BLOCK_D=_DX_BLOCK_D, num_warps=_DX_WARPS,
             )  # fmt: skip
     return dx_TD
 
@@ -209,12 +222,11 @@ def _dw_fp32(grad_TE: torch.Tensor, x_TD: torch.Tensor, dtype: torch.dtype) -> t
     chunks = -(-T // _CHUNK)
     parts_CED = torch.empty(chunks, E, D, dtype=torch.float32, device=x_TD.device)  # all written
     tk = kernels()
-    block_e = _block_e(E)
-    block_t = _block_t(block_e, _DW_BLOCK_D)
+    block_t, block_d = dw_blocks(D)
     with launch_device(x_TD):
-        tk.router_dw_kernel[(tk.triton.cdiv(D, _DW_BLOCK_D), chunks)](
+        tk.router_dw_kernel[(tk.triton.cdiv(D, block_d), chunks)](
             grad_TE, x_TD, parts_CED, T, D, E, x_TD.stride(0),
-            CHUNK=_CHUNK, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=_DW_BLOCK_D,
+            CHUNK=_CHUNK, BLOCK_T=block_t, BLOCK_E=_block_e(E), BLOCK_D=block_d, num_warps=_DW_WARPS,
         )  # fmt: skip
     return (parts_CED[0] if chunks == 1 else parts_CED.sum(0)).to(dtype)
 

@@ -298,33 +298,37 @@ def router_logits_kernel(
     x_ptr, w_ptr, out_ptr, T, D, E, stride_x,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # out[t, e] = Σ_d x[t, d] · w[e, d], fp32
+    # out[t, e] = Σ_d x[t, d] · w[e, d], fp32. A [BLOCK_T, BLOCK_D] tile of x is loaded at once
+    # (most of a row or all of it: many bytes in flight) and reused for every expert, whose
+    # products are summed over the tile at once; the experts' loop is unrolled
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
-    acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         x = _tile_f32(x_ptr, rows, cols, stride_x, 1, T, D)
-        w = _tile_f32(w_ptr, experts, cols, D, 1, E, D)
-        acc += x[:, None, :] * w[None, :, :]
-    out = tl.sum(acc, axis=2)
+        for e in tl.static_range(BLOCK_E):
+            w = tl.load(w_ptr + e * D + cols, mask=cols < tl.where(e < E, D, 0), other=0.0).to(tl.float32)
+            dot = tl.sum(x * w[None, :], axis=1)
+            acc = tl.where(experts[None, :] == e, acc + dot[:, None], acc)
     tl.store(
-        out_ptr + rows[:, None] * E + experts[None, :], out, mask=(rows[:, None] < T) & (experts[None, :] < E)
+        out_ptr + rows[:, None] * E + experts[None, :], acc, mask=(rows[:, None] < T) & (experts[None, :] < E)
     )
 
 
 @triton.jit
 def router_dx_kernel(
     g_ptr, w_ptr, dx_ptr, T, D, E, stride_dx,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # dx[t, d] = Σ_e g[t, e] · w[e, d] in fp32, experts in order, rounded once to dx's dtype
+    # dx[t, d] = Σ_e g[t, e] · w[e, d] in fp32, experts in order, rounded once to dx's dtype; the
+    # experts' loop is unrolled so that all its loads are in flight together (padding adds 0)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for e in range(E):
-        g = tl.load(g_ptr + rows * E + e, mask=rows < T, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + e * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+    for e in tl.static_range(BLOCK_E):
+        g = tl.load(g_ptr + rows * E + e, mask=rows < tl.where(e < E, T, 0), other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e * D + cols, mask=cols < tl.where(e < E, D, 0), other=0.0).to(tl.float32)
         acc += g[:, None] * w[None, :]
     mask = (rows[:, None] < T) & (cols[None, :] < D)
     tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -335,18 +339,21 @@ def router_dw_kernel(
     g_ptr, x_ptr, part_ptr, T, D, E, stride_x,
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # part[c, e, d] = Σ_{t in chunk c} g[t, e] · x[t, d], fp32
+    # part[c, e, d] = Σ_{t in chunk c} g[t, e] · x[t, d], fp32: [BLOCK_T, BLOCK_D] tiles of x,
+    # each reused for every expert (unrolled), the products summed over the tile's tokens at once
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     chunk = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)
-    acc = tl.zeros((BLOCK_E, BLOCK_T, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
     for t0 in range(0, CHUNK, BLOCK_T):
         rows = chunk.to(tl.int64) * CHUNK + t0 + tl.arange(0, BLOCK_T)
-        g_t = _tile_f32(g_ptr, experts, rows, 1, E, E, T)  # [BLOCK_E, BLOCK_T]
         x = _tile_f32(x_ptr, rows, cols, stride_x, 1, T, D)
-        acc += g_t[:, :, None] * x[None, :, :]
+        for e in tl.static_range(BLOCK_E):
+            g = tl.load(g_ptr + rows * E + e, mask=rows < tl.where(e < E, T, 0), other=0.0).to(tl.float32)
+            dot = tl.sum(g[:, None] * x, axis=0)
+            acc = tl.where(experts[:, None] == e, acc + dot[None, :], acc)
     out = part_ptr + chunk.to(tl.int64) * E * D + experts[:, None] * D + cols[None, :]
-    tl.store(out, tl.sum(acc, axis=1), mask=(experts[:, None] < E) & (cols[None, :] < D))
+    tl.store(out, acc, mask=(experts[:, None] < E) & (cols[None, :] < D))
 
 
 @triton.jit
