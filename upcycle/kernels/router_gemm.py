@@ -75,14 +75,14 @@ _BF16 = torch.bfloat16
 # padded to a power of two); at 64 experts (S2) that is four times the work at 16, where the
 # tensor cores' GEMMs are the cheaper way. 0 sends every router to the bf16 parts.
 FP32_KERNEL_MAX_EXPERTS = 16
-# Launch shapes (bench/router_kernels.py varies them). A logits program loads a tile of x of
-# _LOGITS_TILE elements (32 KB of bf16: many loads in flight), _LOGITS_BLOCK_D features wide (the
-# whole row up to that) and reuses it for every expert; a dW program does the same over tiles of
+# Launch shapes, the fastest on an H100 at both router shapes of bench/router_kernels.py
+# (bench/RESULTS.md, twelfth round). A logits program reuses a tile of x of _LOGITS_TILE elements,
+# _LOGITS_BLOCK_D features wide, for every expert; a dW program does the same over tiles of
 # _DW_TILE elements, _DW_BLOCK_D features wide, summing chunks of _CHUNK tokens; dL/dx programs
 # write [_DX_BLOCK_T, _DX_BLOCK_D] tiles. _*_WARPS: warps a program.
-_LOGITS_TILE, _LOGITS_BLOCK_D, _LOGITS_WARPS = 16384, 1024, 8
-_DW_TILE, _DW_BLOCK_D, _CHUNK, _DW_WARPS = 16384, 128, 256, 8
-_DX_BLOCK_T, _DX_BLOCK_D, _DX_WARPS = 32, 256, 4
+_LOGITS_TILE, _LOGITS_BLOCK_D, _LOGITS_WARPS = 8192, 256, 4
+_DW_TILE, _DW_BLOCK_D, _CHUNK, _DW_WARPS = 8192, 64, 256, 4
+_DX_BLOCK_T, _DX_BLOCK_D, _DX_WARPS = 16, 512, 4
 
 
 def applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
