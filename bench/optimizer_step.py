@@ -51,10 +51,8 @@ from upcycle.train.optim import AdamW, build_optimizer
 # the gradient norm's launch shapes: the module's, then variants (label, {constant: value})
 NORM_VARIANTS = [
     ("(module's)", {}),
-    ("(block 2048)", {"_BLOCK": 2048}),
+    ("(small tensors by _foreach_norm)", {"_SMALL_BY_CAT": False}),
     ("(iters 4)", {"_ITERS": 4}),
-    ("(iters 16)", {"_ITERS": 16}),
-    ("(block 1024, iters 16, warps 4)", {"_BLOCK": 1024, "_ITERS": 16, "_WARPS": 4}),
     ("(block 8192, iters 4, warps 16)", {"_BLOCK": 8192, "_ITERS": 4, "_WARPS": 16}),
 ]
 

@@ -2,8 +2,8 @@
 clipping on a GPU (through `upcycle.train.expert_parallel.grad_norm`).
 
 - Through Triton's CPU interpreter, with the block shrunk so that tensors span several programs
-  and end in partial blocks: the norm of bf16 / fp32 / non-contiguous / empty tensors, large and
-  small mixed, against fp64's norm of the stored values within fp32's summation bound
+  and end in partial blocks: the norm of bf16 / fp32 / fp16 / non-contiguous / empty tensors,
+  large and small mixed, the small ones copied into one launch or through `_foreach_norm`, against fp64's norm of the stored values within fp32's summation bound
   (`grad_norm.error_bound`); inf and
   NaN come through; every large tensor is read by the kernel (launches counted) and
   `expert_parallel.grad_norm` takes this path.
@@ -53,15 +53,21 @@ cases = {
     "non-contiguous and empty": [rand(40, 25).t(), rand(0), rand(512, dtype=torch.bfloat16)],
     "large only": [rand(4096, dtype=torch.bfloat16), rand(3, 333)],
 }
-for name, grads in cases.items():
-    before = counted.launches
-    norm = gn.total_norm(grads)
-    exact = math.sqrt(sum(t.double().square().sum().item() for t in grads))
-    error = abs(norm.item() - exact)
-    limit = gn.error_bound(grads)
-    assert norm.dtype == torch.float32 and norm.shape == ()
-    assert error <= limit, (name, norm.item(), exact, error, limit)
-    assert counted.launches - before == sum(t.numel() >= gn.MIN_NUMEL for t in grads), name
+cases["mixed dtypes, small only"] = [rand(7, dtype=torch.bfloat16), rand(9), rand(50, dtype=torch.float16)]
+for by_cat in (True, False):   # small tensors copied into one launch, or through _foreach_norm
+    gn._SMALL_BY_CAT = by_cat
+    for name, grads in cases.items():
+        before = counted.launches
+        norm = gn.total_norm(grads)
+        exact = math.sqrt(sum(t.double().square().sum().item() for t in grads))
+        error = abs(norm.item() - exact)
+        limit = gn.error_bound(grads)
+        assert norm.dtype == torch.float32 and norm.shape == ()
+        assert error <= limit, (name, by_cat, norm.item(), exact, error, limit)
+        large = sum(t.numel() >= gn.MIN_NUMEL for t in grads)
+        small = any(0 < t.numel() < gn.MIN_NUMEL for t in grads)
+        assert counted.launches - before == large + (by_cat and small), (name, by_cat)
+gn._SMALL_BY_CAT = True
 
 grads = cases["bf16 large and small"]
 assert gn.supports(grads)
@@ -70,8 +76,7 @@ for p, t in zip(params, grads):
     p.grad = t
 before = counted.launches
 assert torch.equal(grad_norm(params, torch.device("cpu")), gn.total_norm(grads))
-large = sum(t.numel() >= gn.MIN_NUMEL for t in grads)
-assert large == 3 and counted.launches - before == 2 * large   # grad_norm took the kernel's path
+assert counted.launches - before == 2 * 4   # 3 large + the small ones, twice: grad_norm took this path
 
 for bad, expect in ((float("inf"), math.isinf), (float("nan"), math.isnan)):
     for index in (0, 2):   # in a large tensor, in a small one

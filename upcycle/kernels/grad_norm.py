@@ -8,9 +8,11 @@ bandwidth (~3.0 TB/s) takes about 0.43 ms. It also rounds each tensor's norm to 
 dtype before combining them (bf16: 3 significant digits).
 
 `total_norm` reads each tensor of at least `MIN_NUMEL` elements with one Triton launch
-(`sum_squares_kernel`): squares and per-lane sums in fp32, one fp64 partial a program; the
-smaller tensors (norm weights, routers, attention projections) go to `_foreach_norm` with fp32
-results, which packs them into few launches. Partials and small norms are summed in fp64, so the
+(`sum_squares_kernel`): squares and per-lane sums in fp32, one fp64 partial a program. The
+smaller tensors (norm weights, routers, attention projections: a few % of the elements) are
+copied into one flat tensor (`torch.cat`, their common dtype: exact) that one more launch reads;
+with `_SMALL_BY_CAT = False` they go to `_foreach_norm` with fp32 results instead (its
+dtype-converting path launches per tensor). Partials and small norms are summed in fp64, so the
 result is within fp32's summation bound of the exact norm of the stored gradients (tests/
 test_grad_norm.py checks it against fp64), i.e. at least as accurate as torch's. A non-finite
 gradient gives a non-finite norm (inf², NaN propagate), which is what `TrainStep`'s skip/stop
@@ -29,6 +31,7 @@ from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, tri
 # A program reads _ITERS blocks of _BLOCK elements (32K: 64 KB of bf16) with _WARPS warps
 # (bench/optimizer_step.py varies them)
 _BLOCK, _ITERS, _WARPS = 4096, 8, 8
+_SMALL_BY_CAT = True
 
 
 def supports(grads: list[torch.Tensor]) -> bool:
@@ -47,12 +50,20 @@ def _programs(numel: int) -> int:
     return -(-numel // (_BLOCK * _ITERS))
 
 
+def _kernel_reads(grads: list[torch.Tensor]) -> list[bool]:
+    """Which of `grads` the kernel reads (the others go to `_foreach_norm`)."""
+    return [_SMALL_BY_CAT or g.numel() >= MIN_NUMEL for g in grads]
+
+
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """‖grads‖₂ over all elements of all tensors, an fp32 scalar on their device (module
     docstring). Requires `supports(grads)`."""
-    large = [g for g in grads if g.numel() >= MIN_NUMEL]
-    small = [g for g in grads if g.numel() < MIN_NUMEL]
     device = grads[0].device
+    large = [g for g in grads if g.numel() >= MIN_NUMEL]
+    small = [g for g in grads if 0 < g.numel() < MIN_NUMEL]
+    if small and _SMALL_BY_CAT:  # one copy of a few % of the elements, one launch
+        large.append(torch.cat([g.reshape(-1) for g in small]))
+        small = []
     squares = torch.zeros((), dtype=torch.float64, device=device)
     if large:
         # contiguous: a transposed or sliced gradient (rare) is copied once
@@ -75,13 +86,14 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 def error_bound(grads: list[torch.Tensor]) -> float:
     """How far `total_norm(grads)` may be from the exact norm of the stored values (computed here
-    in fp64, so slow: for tests and benches). Each large tensor's squares are summed in fp32,
-    `_ITERS` terms a lane then a tree over `_BLOCK` lanes; each small tensor's by `_foreach_norm`
-    in fp32 (bounded as n terms in a row); the fp64 total is exact by comparison; then the
+    in fp64, so slow: for tests and benches). The kernel sums squares in fp32, `_ITERS` terms a
+    lane then a tree over `_BLOCK` lanes; `_foreach_norm` (small tensors, `_SMALL_BY_CAT` off)
+    in fp32, bounded as n terms in a row; the fp64 total is exact by comparison; then the
     square root halves the relative error, and the result is rounded once to fp32."""
     u = 2.0**-24
-    large = sum(g.double().square().sum().item() for g in grads if g.numel() >= MIN_NUMEL)
-    small = [(g.numel(), g.double().square().sum().item()) for g in grads if g.numel() < MIN_NUMEL]
+    read = _kernel_reads(grads)
+    large = sum(g.double().square().sum().item() for g, r in zip(grads, read, strict=True) if r)
+    small = [(g.numel(), g.double().square().sum().item()) for g, r in zip(grads, read, strict=True) if not r]
     squares_error = (2 + _ITERS + math.log2(_BLOCK)) * u * large + sum((n + 2) * u * s for n, s in small)
     norm = math.sqrt(large + sum(s for _, s in small))
     return squares_error / (2 * norm) + u * norm if norm else 0.0
