@@ -323,7 +323,8 @@ def test_gpu_matches_torch_fused_adamw(dtype: torch.dtype) -> None:
 
 
 def test_optimizer_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    """bench/optimizer_step.py on the CPU: both optimisers step, agree, and a table comes out."""
+    """bench/optimizer_step.py on the CPU: both optimisers step, agree, torch's gradient norm is
+    timed (upcycle's needs a GPU or the interpreter: tests/test_grad_norm.py), a table comes out."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from benchlib import load_script
 
@@ -332,6 +333,7 @@ def test_optimizer_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r.split(" | ")[0] for r in rows[1:]] == [
         "| torch fused AdamW",
         "| upcycle AdamW",
+        "| gradient norm: torch get_total_norm",
         "| device copy (read + write)",
     ]
     assert all(r.endswith("| ok |") for r in rows[1:])
