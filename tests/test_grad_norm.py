@@ -3,7 +3,7 @@ clipping on a GPU (through `upcycle.train.expert_parallel.grad_norm`).
 
 - Through Triton's CPU interpreter, with the block shrunk so that tensors span several programs
   and end in partial blocks: the norm of bf16 / fp32 / fp16 / non-contiguous / empty tensors,
-  large and small mixed, the small ones copied into one launch or through `_foreach_norm`, against fp64's norm of the stored values within fp32's summation bound
+  large and small mixed, the small ones copied into one launch a dtype or through `_foreach_norm`, against fp64's norm of the stored values within fp32's summation bound
   (`grad_norm.error_bound`); inf and
   NaN come through; every large tensor is read by the kernel (launches counted) and
   `expert_parallel.grad_norm` takes this path.
@@ -65,8 +65,8 @@ for by_cat in (True, False):   # small tensors copied into one launch, or throug
         assert norm.dtype == torch.float32 and norm.shape == ()
         assert error <= limit, (name, by_cat, norm.item(), exact, error, limit)
         large = sum(t.numel() >= gn.MIN_NUMEL for t in grads)
-        small = any(0 < t.numel() < gn.MIN_NUMEL for t in grads)
-        assert counted.launches - before == large + (by_cat and small), (name, by_cat)
+        small_dtypes = {t.dtype for t in grads if 0 < t.numel() < gn.MIN_NUMEL}
+        assert counted.launches - before == large + by_cat * len(small_dtypes), (name, by_cat)
 gn._SMALL_BY_CAT = True
 
 grads = cases["bf16 large and small"]
