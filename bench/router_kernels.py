@@ -49,15 +49,15 @@ from benchlib import (
 
 # launch shapes tried beside the module's own: (kernel, {constant: value})
 VARIANTS = [
-    ("logits", {"_LOGITS_TILE": 16384, "_LOGITS_BLOCK_D": 1024, "_LOGITS_WARPS": 8}),
-    ("logits", {"_LOGITS_TILE": 16384, "_LOGITS_BLOCK_D": 1024}),
     ("logits", {"_LOGITS_BLOCK_D": 128}),
     ("logits", {"_LOGITS_TILE": 16384, "_LOGITS_WARPS": 8}),
-    ("dx", {"_DX_BLOCK_T": 32, "_DX_BLOCK_D": 256}),
     ("dx", {"_DX_BLOCK_T": 8}),
-    ("dw", {"_DW_TILE": 16384, "_DW_BLOCK_D": 128, "_DW_WARPS": 8}),
     ("dw", {"_CHUNK": 128}),
-    ("dw", {"_DW_TILE": 4096}),
+    ("dw", {"_DW_TILE": 2048, "_DW_WARPS": 1}),
+    ("dw", {"_DW_TILE": 2048, "_DW_WARPS": 2}),
+    ("dw", {"_DW_TILE": 4096, "_DW_WARPS": 2}),
+    ("dw", {"_DW_TILE": 4096, "_DW_BLOCK_D": 128, "_DW_WARPS": 2}),
+    ("dw", {"_DW_TILE": 2048, "_DW_WARPS": 1, "_CHUNK": 128}),
 ]
 SMOKE_VARIANTS = [
     ("logits", {"_LOGITS_TILE": 2048, "_LOGITS_BLOCK_D": 64}),
