@@ -9,13 +9,13 @@ around it, both custom operators:
 Routers of up to `FP32_KERNEL_MAX_EXPERTS` (16) experts: three Triton kernels
 (`triton_kernels.router_*`) that read x in bf16 and W as it is stored, and multiply and add in
 IEEE fp32 on the CUDA cores (no TF32): logits (one launch), dL/dx (one launch, one rounding to
-bf16) and dL/dW (partial sums over chunks of 512 tokens, then one sum over the chunks:
+bf16) and dL/dW (partial sums over chunks of `_CHUNK` tokens, then one sum over the chunks:
 deterministic, no atomics). Their accuracy is an fp32 SGEMM's (within D·2^-24 of Σ|x||w| element
 by element), and their work is mostly memory traffic (reading or writing x once each): each
 program loads a wide tile of x and reuses it for every expert. On an H100 at the Mixtral-shaped
 step's router (16384 tokens, D 1024, 8 experts) a forward and backward takes 0.118 ms, as the
 bf16-part GEMMs below do (0.116 ms, with about 40 more launches a layer for their splits,
-concatenations and sums), at a tenth of those parts' error (bench/RESULTS.md, twelfth round; the
+concatenations and sums), with a third to a tenth of the parts' error (below; bench/RESULTS.md, twelfth round; the
 first version, tl.dot's fp32 path, took half as long again: eleventh round).
 
 Wider routers (or without Triton), the bf16 parts:
