@@ -51,7 +51,7 @@ from upcycle.train.optim import AdamW, build_optimizer
 # the gradient norm's launch shapes: the module's, then variants (label, {constant: value})
 NORM_VARIANTS = [
     ("(module's)", {}),
-    ("(small tensors by _foreach_norm)", {"_SMALL_BY_CAT": False}),
+    ("(small tensors by _foreach_norm)", {"_CAT_FRACTION": 0.0}),
     ("(iters 4)", {"_ITERS": 4}),
     ("(block 8192, iters 4, warps 16)", {"_BLOCK": 8192, "_ITERS": 4, "_WARPS": 16}),
 ]

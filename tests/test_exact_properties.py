@@ -83,8 +83,8 @@ def moe_layers(draw, layers: int):
     return draw(st.sampled_from(options))
 
 
-def router_init(draw, zero_allowed: bool = True, peaked_allowed: bool = True) -> dict:
-    stds = [0.02, 1.0] + ([4.0] if peaked_allowed else []) + ([0.0] if zero_allowed else [])
+def router_init(draw, zero_allowed: bool = True) -> dict:
+    stds = [0.02, 1.0, 4.0] + ([0.0] if zero_allowed else [])
     return {"std": draw(st.sampled_from(stds)), "seed": draw(st.integers(0, 1000))}
 
 
@@ -261,9 +261,10 @@ def test_f7_bam_of_identical_sources_with_exact_ffn_routing(workdir, source, dat
 @settings(PROPERTY, max_examples=max(3, EXAMPLES // 4))
 @given(dense_sources(), st.data(), seeds)
 def test_control_softmax_topk_is_not_exact(workdir, source, data, seed):
-    """N1: the same harness sees the Σ p_i ≈ k/N deviation of unrenormalised ST. Not with a
-    router of std 4: its softmax can put all but 1e-7 of the mass on the top k, and the
-    deviation then falls below the threshold (hypothesis found such a case)."""
+    """N1: the same harness sees the Σ p_i ≈ k/N deviation of unrenormalised ST. The router is
+    near-uniform (std 0.02), so that Σ p_i over the top k is near k/N: a peaked router (std 4,
+    or std 1 over a wide input) can leave 1e-7 of the mass outside the top k, and the deviation
+    then falls below the threshold (hypothesis found llama D2, 3 experts top-2, std 4, seed 0)."""
     family, overrides = source
     experts = data.draw(st.integers(2, 6))
     recipe = {
@@ -271,6 +272,6 @@ def test_control_softmax_topk_is_not_exact(workdir, source, data, seed):
         "num_experts": experts,
         "top_k": data.draw(st.integers(1, experts - 1)),
         "routing": "softmax_topk",
-        "router_init": router_init(data.draw, zero_allowed=False, peaked_allowed=False),
+        "router_init": {"std": 0.02, "seed": data.draw(st.integers(0, 1000))},
     }
     assert conversion_error(workdir, family, overrides, recipe, seed=seed) > 1e-6, recipe

@@ -3,7 +3,8 @@ clipping on a GPU (through `upcycle.train.expert_parallel.grad_norm`).
 
 - Through Triton's CPU interpreter, with the block shrunk so that tensors span several programs
   and end in partial blocks: the norm of bf16 / fp32 / fp16 / non-contiguous / empty tensors,
-  large and small mixed, the small ones copied into one launch a dtype or through `_foreach_norm`, against fp64's norm of the stored values within fp32's summation bound
+  large and small mixed, the small ones copied into one launch a dtype (when they are few) or
+  through `_foreach_norm`, fp64 refused (torch's path), against fp64's norm of the stored values within fp32's summation bound
   (`grad_norm.error_bound`); inf and
   NaN come through; every large tensor is read by the kernel (launches counted) and
   `expert_parallel.grad_norm` takes this path.
@@ -49,13 +50,15 @@ def rand(*shape, dtype=torch.float32, scale=1.0):
 cases = {
     "bf16 large and small": [rand(1000, dtype=torch.bfloat16), rand(37, 11, dtype=torch.bfloat16),
                              rand(5, dtype=torch.bfloat16), rand(300, dtype=torch.bfloat16, scale=1e3)],
-    "fp32, one program short": [rand(127), rand(129), rand(20, 30, scale=1e-4)],
+    "fp32, a program short and over": [rand(383), rand(385), rand(20, 30, scale=1e-4)],
     "non-contiguous and empty": [rand(40, 25).t(), rand(0), rand(512, dtype=torch.bfloat16)],
     "large only": [rand(4096, dtype=torch.bfloat16), rand(3, 333)],
 }
 cases["mixed dtypes, small only"] = [rand(7, dtype=torch.bfloat16), rand(9), rand(50, dtype=torch.float16)]
-for by_cat in (True, False):   # small tensors copied into one launch, or through _foreach_norm
-    gn._SMALL_BY_CAT = by_cat
+cases["few small, two dtypes"] = [rand(4000, dtype=torch.bfloat16), rand(10), rand(4, 5, dtype=torch.bfloat16)]
+concatenated = {"bf16 large and small", "few small, two dtypes"}   # small ones at most 1/8 of all
+for fraction in (0.125, 0.0):   # small tensors copied into one launch a dtype, or _foreach_norm
+    gn._CAT_FRACTION = fraction
     for name, grads in cases.items():
         before = counted.launches
         norm = gn.total_norm(grads)
@@ -63,11 +66,15 @@ for by_cat in (True, False):   # small tensors copied into one launch, or throug
         error = abs(norm.item() - exact)
         limit = gn.error_bound(grads)
         assert norm.dtype == torch.float32 and norm.shape == ()
-        assert error <= limit, (name, by_cat, norm.item(), exact, error, limit)
+        assert error <= limit, (name, fraction, norm.item(), exact, error, limit)
         large = sum(t.numel() >= gn.MIN_NUMEL for t in grads)
         small_dtypes = {t.dtype for t in grads if 0 < t.numel() < gn.MIN_NUMEL}
-        assert counted.launches - before == large + by_cat * len(small_dtypes), (name, by_cat)
-gn._SMALL_BY_CAT = True
+        cat = gn._concatenates(grads)
+        assert cat == (fraction > 0 and name in concatenated), name
+        assert counted.launches - before == large + cat * len(small_dtypes), (name, fraction)
+gn._CAT_FRACTION = 0.125
+assert gn.supports([torch.zeros(5), torch.zeros(3, dtype=torch.float16)])
+assert not gn.supports([torch.zeros(5, dtype=torch.float64)])   # fp64 keeps torch's path
 
 grads = cases["bf16 large and small"]
 assert gn.supports(grads)
@@ -106,7 +113,7 @@ def test_gpu_norm_against_fp64_and_torch(dtype: torch.dtype) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(8, 1024, 5632), (8, 2816, 1024), (32000, 1024), (1024, 1536), (1024,), (8, 1024)]
     grads = [(torch.randn(s, device="cuda", generator=g) * 1e-3).to(dtype) for s in shapes]
-    grads.append(grads[0][:, :, :100].transpose(1, 2))  # a non-contiguous large one is copied
+    grads.append(grads[0][:, :, :1000].transpose(1, 2))  # a non-contiguous large one is copied
     assert gn.supports(grads)
     norm = gn.total_norm(grads)
     exact = math.sqrt(sum(t.double().square().sum().item() for t in grads))

@@ -229,6 +229,13 @@ empty, stacked = rg.router_logits_op(x[:0], w)
 assert empty.shape == (0, 1)
 dx, dw = rg.router_logits_backward(g[:0], x[:0], stacked, w, True, True)
 assert dx.shape == (0, 64) and torch.equal(dw, torch.zeros_like(w))
+# a chunk that is not a power of two: tiles must not reach into the next chunk (which sums them too)
+rg._CHUNK, T, D, E = 192, 400, 64, 8
+x = torch.randn(T, D, generator=gen).to(torch.bfloat16)
+g = torch.randn(T, E, generator=gen)
+dw = rg._dw_fp32(g, x, torch.float32).double()
+dw_ref = g.double().T @ x.double()
+assert ((dw - dw_ref).abs() <= T * 2**-24 * (g.double().abs().T @ x.double().abs())).all()
 print("ok")
 """
 

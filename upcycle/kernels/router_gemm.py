@@ -181,9 +181,13 @@ def logits_blocks(D: int) -> tuple[int, int]:
 
 
 def dw_blocks(D: int) -> tuple[int, int]:
-    """(tokens, features) of a dW program's tile of x: the tokens divide `_CHUNK`."""
+    """(tokens, features) of a dW program's tile of x: the tokens a power of two that divides
+    `_CHUNK` (a chunk's last tile must not reach into the next chunk, which sums it too)."""
     block_d = _pow2_at_most(D, _DW_BLOCK_D)
-    return max(1, min(_CHUNK, _DW_TILE // block_d)), block_d
+    block_t = 1 << (max(1, min(_CHUNK, _DW_TILE // block_d)).bit_length() - 1)
+    while _CHUNK % block_t:
+        block_t //= 2
+    return block_t, block_d
 
 
 def _logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
