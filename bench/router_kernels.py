@@ -42,7 +42,6 @@ from benchlib import (
     device_name,
     module_constants,
     run_header,
-    time_calls,
     time_graphed,
     write_rows,
 )
@@ -145,12 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     routers.append(("router fwd+bwd, upcast fp32 GEMM", upcast, {}))
     for name, fn, values in routers:
         with module_constants(rg, values):
-            try:
-                ms = statistics.median(time_graphed(lambda fn=fn: fn(x, w), device, 3, args.steps))
-            except RuntimeError as error:  # a capture this torch refuses: the launched figure
-                print(f"{name}: not graphed ({str(error).splitlines()[0]}); timed as launched")
-                ms = statistics.median(time_calls(lambda fn=fn: fn(x, w), device, 3, args.steps))
-                name += " (launched)"
+            ms = statistics.median(time_graphed(lambda fn=fn: fn(x, w), device, 3, args.steps))
         rows.append(Row(name, ms, 3 * bytes_moved / (ms * 1e-3) / 1e12, 0.0, True))
 
     print(run_header(device_name(device)))

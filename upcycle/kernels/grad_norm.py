@@ -32,7 +32,9 @@ import math
 
 import torch
 
-from upcycle.kernels.adamw import MIN_NUMEL  # the same "large tensor" as AdamW's pass
+# the same "large tensor" as AdamW's pass, and the dtypes it too reads in fp32 (fp64 gradients
+# would lose range and precision: they keep torch's path)
+from upcycle.kernels.adamw import DTYPES, MIN_NUMEL
 from upcycle.kernels.swiglu import kernels, launch_device, triton_installed, triton_interpreted
 
 # A program reads _ITERS blocks of _BLOCK elements (32K: 64 KB of bf16) with _WARPS warps
@@ -43,8 +45,6 @@ _BLOCK, _ITERS, _WARPS = 4096, 8, 8
 # `_foreach_norm`'s per-tensor launches; a model whose weights are all small keeps that path
 # rather than copying every gradient once more. 0 sends the small ones to `_foreach_norm`.
 _CAT_FRACTION = 0.125
-# what the kernel squares in fp32 (fp64 gradients would lose range and precision: torch's path)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports(grads: list[torch.Tensor]) -> bool:
