@@ -22,7 +22,9 @@ timed and reported separately), then `--steps` steps back to back as a training 
 with a CUDA event recorded at every step boundary and the host synchronising only after the
 last; the median of the per-step intervals is reported ("step ms"). Neither side reads a value
 on the host that its loop would not: ours reads the step's loss and norm once per step (the
-trainer logs them), transformers' loss is read after timing. "isolated ms" times some of the
+trainer logs them) as the trainer does, step s's after step s + 1 is launched (`TrainStep.launch`:
+a graphed step is queued before the previous one is read), transformers' loss is read after
+timing. "isolated ms" times some of the
 same steps again, each from an idle GPU until all its work is done (the earlier protocol), so the
 two can be compared. Peak memory from `torch.cuda.max_memory_allocated`. MFU against 790 TFLOP/s (measured
 bf16 matmul ceiling of an H100) and 989 (datasheet). The `moe path` column says which expert
@@ -66,7 +68,7 @@ from upcycle.model.moe import MoE
 from upcycle.train.build import cast_to_bf16_weights, compile_blocks
 from upcycle.train.distributed import Distributed
 from upcycle.train.metrics import H100_BF16_DATASHEET_FLOPS, H100_BF16_MEASURED_FLOPS
-from upcycle.train.step import benchmark_step
+from upcycle.train.step import TrainStep, benchmark_step
 
 DENSE_110M = dict(
     vocab_size=32000,
@@ -268,10 +270,27 @@ def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Ro
     for index in range(1, args.warmup):
         results.append(step(index + 1, [batches[index]]))
     timed_steps = range(args.warmup, args.warmup + args.steps)
-    runs = [lambda index=index: results.append(step(index + 1, [batches[index]])) for index in timed_steps]
-    times = timed_back_to_back(device, runs)
-    # the same steps, each started on an idle GPU and waited for (the previous protocol)
-    isolated = [timed(device, run) for run in runs[: max(3, len(runs) // 3)]]
+    in_flight: list = []
+
+    def read_all() -> None:
+        while in_flight:
+            results.append(in_flight.pop(0).result())
+
+    def run(index: int) -> None:
+        if isinstance(step, TrainStep):
+            # as the trainer runs them: step s launched, then step s - 1 read (a graphed step
+            # is still running on the GPU while the host reads the one before it)
+            in_flight.append(step.launch(index + 1, [batches[index]]))
+            if len(in_flight) > 1:
+                results.append(in_flight.pop(0).result())
+        else:
+            results.append(step(index + 1, [batches[index]]))
+
+    times = timed_back_to_back(device, [lambda index=index: run(index) for index in timed_steps])
+    read_all()
+    # the same steps, each started on an idle GPU and waited for, values read (the previous protocol)
+    some = list(timed_steps)[: max(3, len(timed_steps) // 3)]
+    isolated = [timed(device, lambda index=index: (run(index), read_all())) for index in some]
     assert all(math.isfinite(float(r.loss)) for r in results), "a non-finite loss: the figures would be wrong"
     seconds = statistics.median(times)
     tokens = args.batch * args.seq_len

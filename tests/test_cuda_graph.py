@@ -144,10 +144,17 @@ def _order() -> list[Batch]:
 
 @needs_gpu
 @pytest.mark.usefixtures("deterministic")
-def test_replayed_steps_match_eager_steps_bit_for_bit() -> None:
+@pytest.mark.parametrize("launched", [False, True], ids=["read-each", "launched-then-read"])
+def test_replayed_steps_match_eager_steps_bit_for_bit(launched: bool) -> None:
+    """`launched`: every step launched before any is read (`TrainStep.launch`), the replays
+    queued back to back, the short batch's eager step reading those before it."""
     order = _order()
     graphed, eager = _step(True), _step(False)
-    ours = [graphed(index + 1, [batch]) for index, batch in enumerate(order)]
+    if launched:
+        pending = [graphed.launch(index + 1, [batch]) for index, batch in enumerate(order)]
+        ours = [p.result() for p in pending]
+    else:
+        ours = [graphed(index + 1, [batch]) for index, batch in enumerate(order)]
     theirs = [eager(index + 1, [batch]) for index, batch in enumerate(order)]
     # steps 1-2 warm up, 3 is captured and replayed, 4-5 and 7-8 replay, 6 (short) runs eagerly
     assert graphed.graph.replays == len(order) - WARMUP_STEPS - 1
@@ -205,6 +212,40 @@ def test_a_nonfinite_replayed_step_changes_nothing() -> None:
         after = _state(step)
         assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True) if not x.isinf().any())
         assert all(torch.equal(x.isinf(), y.isinf()) for x, y in zip(before, after, strict=True))
+
+
+@needs_gpu
+def test_a_replay_launched_behind_a_nonfinite_step_changes_nothing_under_stop() -> None:
+    """Stop policy, steps launched before they are read: step 4 is non-finite and step 5 was
+    queued behind it before the host read step 4. Neither changes weights or optimiser state
+    (step 5 sees the device's `halted` flag); step 5 has no result; a step after that updates
+    again."""
+    step = _step(True, nonfinite="stop")
+    data = _batches(6)
+    for index in range(WARMUP_STEPS + 1):
+        step(index + 1, [data[index]])
+    token = data[3].input_ids_BS[0, 0]
+    embedding = step.model.model.embed_tokens.weight
+    row = embedding[token].detach().clone()
+    with torch.no_grad():
+        embedding[token] = float("inf")
+    before = _state(step)
+    step.launch(4, [data[3]])
+    fifth = step.launch(5, [data[4]])
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        fifth.result()
+    with pytest.raises(UpcycleError, match="step 5 was launched before step 4"):
+        fifth.result()
+    after = _state(step)
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True) if not x.isinf().any())
+    assert all(torch.equal(x.isinf(), y.isinf()) for x, y in zip(before, after, strict=True))
+    with torch.no_grad():
+        embedding[token] = row
+    norm = step.model.model.norm.weight
+    unchanged = norm.detach().clone()
+    result = step(6, [data[5]])
+    assert math.isfinite(result.loss) and not result.skipped
+    assert not torch.equal(norm, unchanged), "the step after the stopped one must update again"
 
 
 @needs_gpu
@@ -279,6 +320,14 @@ class _FakeOwner:
         self.optimizer = torch.optim.AdamW([self.param], lr=1.0)
         self.fail_capture: Exception | None = None
         self.new_state_in_capture = False
+        self.nonfinite_policy = "stop"
+        self.in_flight: list = []
+        self.nonfinite_steps: set[int] = set()  # check_finite raises for these
+
+    def drain(self) -> None:
+        self.fake.log.append(("drain", [p.step for p in self.in_flight]))
+        if self.in_flight:
+            self.in_flight[-1].result()
 
     def _seen(self) -> dict:
         group = self.optimizer.param_groups[0]
@@ -299,7 +348,8 @@ class _FakeOwner:
         self.param.grad = torch.ones(3)  # what a backward leaves
         return SimpleNamespace(step=step)
 
-    def device_step(self, inputs):
+    def device_step(self, inputs, halted):
+        assert halted is not None and halted.shape == ()
         kind = "capture" if self.fake.capturing else "warm"
         self.fake.log.append((kind, tuple(inputs[0][0].shape), self.param.grad is None, self._seen()))
         if self.fake.capturing and self.fail_capture is not None:
@@ -310,9 +360,12 @@ class _FakeOwner:
         return torch.tensor([1.0, 2.0]), []
 
     def result(self, step, lr, values, aux_kinds, passes):
+        self.fake.log.append(("read", step))
         return SimpleNamespace(step=step, values=values)
 
     def check_finite(self, result):
+        if result.step in self.nonfinite_steps:
+            raise NonFiniteLossError(f"step {result.step}: not finite")
         return result
 
 
@@ -333,8 +386,7 @@ def test_step_graph_warms_up_captures_once_replays_and_falls_back(monkeypatch) -
         graph(step, 0.25 * step, [_batch(seq_len)])
         rate = owner.optimizer.param_groups[0]["lr"]
         assert type(rate) is float and rate == 0.25 * step  # the float, for checkpoints
-    work = [entry[:3] if entry[0] != "wait" else entry for entry in fake.log]
-    work = [entry for entry in work if entry[0] != "wait"]
+    work = [entry[:3] for entry in fake.log if entry[0] not in ("wait", "drain", "read")]
     assert work == [
         ("eager", 1, (2, 64)),
         ("warm", (2, 64), True),
@@ -367,7 +419,7 @@ def test_step_graph_warms_a_new_shape_up_before_capturing_it(monkeypatch) -> Non
     graph = cuda_graph.StepGraph(_FakeOwner(fake))
     for step, seq_len in enumerate([64, 32, 32, 32], start=1):
         graph(step, 0.1, [_batch(seq_len)])
-    work = [entry[:2] for entry in fake.log if entry[0] != "wait"]
+    work = [entry[:2] for entry in fake.log if entry[0] not in ("wait", "drain", "read")]
     assert work == [("eager", 1), ("eager", 2), ("warm", (2, 32)), ("capture", (2, 32)), ("replay",)]
 
 
@@ -400,7 +452,7 @@ def test_step_graph_warm_up_refuses_a_step_that_reads_the_host(monkeypatch) -> N
     fake = _FakeCuda(monkeypatch)
     owner = _FakeOwner(fake)
 
-    def reads_the_host(inputs):
+    def reads_the_host(inputs, halted):
         assert fake.sync_mode == "error"
         raise RuntimeError("called a synchronizing CUDA operation")
 
@@ -410,3 +462,60 @@ def test_step_graph_warm_up_refuses_a_step_that_reads_the_host(monkeypatch) -> N
     with pytest.raises(UpcycleError, match=r"waits for the host .* set cuda_graph: false"):
         graph(2, 0.1, [_batch(8)])
     assert fake.sync_mode == 0 and grouped_moe._device_counts_only == 0
+
+
+def test_step_graph_launches_replays_without_reading_them(monkeypatch) -> None:
+    """A replay returns unread (`launch`); results are read in launch order; an eager step (a
+    batch of another shape) reads the replays in flight before it runs."""
+    fake = _FakeCuda(monkeypatch)
+    owner = _FakeOwner(fake)
+    graph = cuda_graph.StepGraph(owner)
+    for step in (1, 2, 3):  # warm-up, warm-up, capture + first replay
+        graph(step, 0.1, [_batch(8)])
+    del fake.log[:]
+    fourth = graph.launch(4, 0.1, [_batch(8)])
+    fifth = graph.launch(5, 0.1, [_batch(8)])
+    assert [e[0] for e in fake.log if e[0] != "wait"] == ["replay", "replay"]
+    assert not fourth.done and owner.in_flight == [fourth, fifth]
+    assert fifth.result().step == 5
+    assert [e for e in fake.log if e[0] == "read"] == [("read", 4), ("read", 5)]
+    sixth = graph.launch(6, 0.1, [_batch(8)])
+    del fake.log[:]
+    graph.launch(7, 0.1, [_batch(4)])  # another shape: eager, after reading step 6
+    work = [e[:2] for e in fake.log if e[0] != "wait"]
+    assert work == [("drain", [6]), ("read", 6), ("eager", 7)] and sixth.done
+
+
+def test_step_graph_stop_policy_halts_the_replays_queued_behind_a_nonfinite_step(monkeypatch) -> None:
+    """Stop policy: the step read as non-finite raises, a replay launched after it is abandoned
+    (its update was skipped on the device by the `halted` flag, which the captured step sets),
+    and the flag is cleared for any later step."""
+    fake = _FakeCuda(monkeypatch)
+    owner = _FakeOwner(fake)
+    graph = cuda_graph.StepGraph(owner)
+    for step in (1, 2, 3):
+        graph(step, 0.1, [_batch(8)])
+    owner.nonfinite_steps = {4}
+    graph.launch(4, 0.1, [_batch(8)])
+    fifth = graph.launch(5, 0.1, [_batch(8)])
+    graph.halted.fill_(1.0)  # what step 4's replay does on the device
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        fifth.result()
+    assert float(graph.halted) == 0.0 and owner.in_flight == []
+    with pytest.raises(UpcycleError, match="step 5 was launched before step 4 ended the run"):
+        fifth.result()
+    assert graph(6, 0.1, [_batch(8)]).step == 6  # the caller may go on: the next step is read
+
+
+def test_step_graph_skip_policy_has_no_halt_flag(monkeypatch) -> None:
+    fake = _FakeCuda(monkeypatch)
+    owner = _FakeOwner(fake)
+    owner.nonfinite_policy = "skip"
+    graph = cuda_graph.StepGraph(owner)
+    assert graph.halted is None
+    owner.device_step = lambda inputs, halted: (
+        fake.log.append(("halted", halted)) or (torch.tensor([1.0, 2.0]), [])
+    )
+    graph(1, 0.1, [_batch(8)])
+    graph(2, 0.1, [_batch(8)])
+    assert ("halted", None) in fake.log

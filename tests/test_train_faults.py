@@ -172,7 +172,7 @@ def test_cuda_out_of_memory_suggests_a_smaller_micro_batch(prepared_data, tmp_pa
     def out_of_memory(self, step, micro_batches):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(TrainStep, "__call__", out_of_memory)
+    monkeypatch.setattr(TrainStep, "launch", out_of_memory)
     config = train_config(prepared_data, tmp_path / "out")
     _refusal(tmp_path, config, "at step 1", "micro_batch_size: 2", before_any_output=False)
 

@@ -22,9 +22,15 @@ How a step runs with `cuda_graph`:
 3. The next step is captured (`TrainStep.device_step`: forward and backward of each micro-batch,
    gradient norm, the device-side `found_inf` guard, AdamW with clipping folded in), then
    replayed; every later step of the same shapes is a replay.
-4. After each replay the values (loss parts, expert loads, norm) are read, as in the eager step,
-   and a non-finite step (whose update the `found_inf` guard already skipped inside the graph)
-   stops the run or is marked skipped.
+4. After each replay the values (loss parts, expert loads, norm) start their way to host memory
+   and `launch` returns a `PendingStep` (`upcycle.train.pending`) without waiting: the trainer
+   launches step s + 1 before it reads step s, so the GPU runs the next graph while the host
+   logs and loads a batch. Reading a step gives the eager step's outcome: a non-finite step
+   (whose update the `found_inf` guard already skipped inside the graph) stops the run or is
+   marked skipped. Under the stop policy the captured step also sets a `halted` flag on the
+   device, which every later replay honours, so a step queued behind a non-finite one before
+   the host read it changes nothing either (its `result()` says it was abandoned); the flag is
+   cleared when the stop is raised.
 
 What changes inside the step: the per-expert weight-gradient GEMMs of few-expert MoE layers need
 row counts on the host, which a graph cannot read, so a captured step computes them with
@@ -63,6 +69,7 @@ from upcycle.kernels import grouped_moe
 from upcycle.kernels.host_copy import HostCopy, page_locked
 from upcycle.model.moe import MoE
 from upcycle.train.optim import set_learning_rate
+from upcycle.train.pending import PendingStep
 
 # Eager steps on the capture stream before the first capture: the first compiles the blocks and
 # creates the optimiser's state, the second runs everything once more as it will be captured.
@@ -145,6 +152,11 @@ class StepGraph:
         self.aux_kinds: list[str] = []
         self.warm_steps = 0
         self.replays = 0
+        # stop policy: set on the device by a non-finite step, so that the steps queued behind it
+        # before the host reads it (`launch`) leave the weights and optimiser state as they are
+        self.halted: torch.Tensor | None = None
+        if owner.nonfinite_policy == "stop":
+            self.halted = torch.zeros((), dtype=torch.float32, device=device)
         owner.optimizer.register_load_state_dict_post_hook(lambda optimizer: self.reset())
 
     def reset(self) -> None:
@@ -153,7 +165,17 @@ class StepGraph:
         self.graph, self.values, self.warm_steps = None, None, 0
 
     def __call__(self, step: int, lr: float, micro_batches: list[Batch]):
+        """One step, its values read before returning (`launch(...).result()`)."""
+        return self.launch(step, lr, micro_batches).result()
+
+    def launch(self, step: int, lr: float, micro_batches: list[Batch]) -> PendingStep:
+        """Queue one step; a replay returns before the GPU has run it (step 4 of the module
+        docstring happens in the `PendingStep`'s `result()`), an eager step after it ran."""
         owner = self.owner
+        if not self._replays(micro_batches):
+            # an eager step waits for the GPU anyway: the steps in flight are read first, so an
+            # earlier step that ends the run stops it before this one changes anything
+            owner.drain()
         self.lr.fill_(lr)
         set_learning_rate(owner.optimizer, self.lr)
         try:
@@ -163,7 +185,10 @@ class StepGraph:
             # self.lr, the tensor it captured
             set_learning_rate(owner.optimizer, lr)
 
-    def _step(self, step: int, lr: float, micro_batches: list[Batch]):
+    def _replays(self, micro_batches: list[Batch]) -> bool:
+        return self.graph is not None and _key(micro_batches) == self.key
+
+    def _step(self, step: int, lr: float, micro_batches: list[Batch]) -> PendingStep:
         owner = self.owner
         key = _key(micro_batches)
         device = owner.distributed.device
@@ -172,7 +197,7 @@ class StepGraph:
             # The gradients of the last replay are still the parameters' (the graph's buffers):
             # let go of them, or backward would add to them.
             owner.optimizer.zero_grad(set_to_none=True)
-            return owner.eager_step(step, lr, owner.device_inputs(micro_batches))
+            return PendingStep.settled(step, owner.eager_step(step, lr, owner.device_inputs(micro_batches)))
         if key != self.key:  # a first shape, or a new one before any capture: warm up for it
             self.key, self.warm_steps = key, 0
             self.inputs = [
@@ -182,6 +207,7 @@ class StepGraph:
                 )
                 for b in micro_batches
             ]
+        # queued behind the steps in flight, which read these buffers before the copies run
         for (ids, labels), batch in zip(self.inputs, micro_batches, strict=True):
             _load(ids, batch.input_ids_BS)
             _load(labels, batch.labels_BS)
@@ -191,12 +217,12 @@ class StepGraph:
             owner.optimizer.zero_grad(set_to_none=True)
             if self.warm_steps < WARMUP_STEPS:
                 with self._on_stream():
-                    return owner.eager_step(step, lr, self.inputs)
+                    return PendingStep.settled(step, owner.eager_step(step, lr, self.inputs))
             # the last warm-up runs what the capture will, with host reads refused
             with self._on_stream(), grouped_moe.device_counts_only():
                 try:
                     with _host_reads_refused():
-                        values, aux_kinds = owner.device_step(self.inputs)
+                        values, aux_kinds = owner.device_step(self.inputs, self.halted)
                 except RuntimeError as error:
                     if "synchronizing CUDA operation" not in str(error):
                         raise
@@ -204,20 +230,31 @@ class StepGraph:
                         "train.cuda_graph: the training step waits for the host (the traceback shows "
                         "where), which a CUDA graph cannot replay; set cuda_graph: false"
                     ) from error
-                result = self._read(step, lr, values, aux_kinds, passes)
+                result = self._read(step, lr, HostCopy(values), aux_kinds, passes)
             owner.optimizer.zero_grad(set_to_none=True)
-            return result
+            return PendingStep.settled(step, result)
         if self.graph is None:
             self._capture()
         self.graph.replay()
         self.replays += 1
-        return self._read(step, lr, self.values, self.aux_kinds, passes)
+        # the values leave the graph's output buffer before the next replay overwrites it
+        values, aux_kinds = HostCopy(self.values), self.aux_kinds
+        pending = PendingStep(step, lambda: self._read(step, lr, values, aux_kinds, passes), owner.in_flight)
+        owner.in_flight.append(pending)
+        return pending
 
-    def _read(self, step: int, lr: float, values: torch.Tensor, aux_kinds: list[str], passes: int):
+    def _read(self, step: int, lr: float, values: HostCopy, aux_kinds: list[str], passes: int):
         """Step 4 (`TrainStep`): the values on the host, then the non-finite decision (the
         update was already guarded on the device)."""
-        result = self.owner.result(step, lr, HostCopy(values).tolist(), aux_kinds, passes)
-        return self.owner.check_finite(result)
+        result = self.owner.result(step, lr, values.tolist(), aux_kinds, passes)
+        try:
+            return self.owner.check_finite(result)
+        except Exception:
+            if self.halted is not None:
+                # the run stopped here: replays already queued saw the flag and changed nothing;
+                # later ones (if the caller goes on) step again
+                self.halted.zero_()
+            raise
 
     @contextlib.contextmanager
     def _on_stream(self):
@@ -242,7 +279,7 @@ class StepGraph:
             group["capturable"] = True
         try:
             with torch.cuda.graph(graph, stream=self.stream):
-                values, aux_kinds = owner.device_step(self.inputs)
+                values, aux_kinds = owner.device_step(self.inputs, self.halted)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             raise  # the trainer's advice on memory applies as it is

@@ -25,7 +25,9 @@ the optimiser step to run. The next step's kernels are queued behind it instead 
 gap. The non-finite decision and its messages are those of the plain order.
 
 With `cuda_graph` (`train.cuda_graph`, one GPU) steps 2-5 of every step after a short warm-up
-are one replayed CUDA graph (`upcycle.train.cuda_graph`); the values are read after it.
+are one replayed CUDA graph (`upcycle.train.cuda_graph`); the values are read after it, and
+`launch` returns before that read (`PendingStep`), so that the trainer queues the next step
+first.
 
 Shape letters: B batch, S sequence, E experts.
 """
@@ -52,6 +54,7 @@ from upcycle.train.distributed import Distributed, set_gradient_sync
 from upcycle.train.expert_parallel import clip_grads, grad_norm
 from upcycle.train.losses import combine_losses, lm_loss, training_loss
 from upcycle.train.optim import AdamW, set_learning_rate
+from upcycle.train.pending import PendingStep
 from upcycle.train.schedule import WarmupCosine
 
 
@@ -139,6 +142,8 @@ class TrainStep:
             and cross_entropy.triton_installed()
         )
         self.fold_clip = _folds_clipping(optimizer, self.trainable)
+        # graphed steps launched and not yet read (`launch`), oldest first
+        self.in_flight: list[PendingStep] = []
         # `train.cuda_graph`: every step after a short warm-up replays one captured graph
         self.graph: StepGraph | None = None
         if cuda_graph:
@@ -147,13 +152,30 @@ class TrainStep:
             self.graph = StepGraph(self)
 
     def __call__(self, step: int, micro_batches: list[Batch]) -> StepResult:
+        """Run one step and read its values (`launch(...).result()`)."""
+        return self.launch(step, micro_batches).result()
+
+    def launch(self, step: int, micro_batches: list[Batch]) -> PendingStep:
+        """Run one step; a replayed CUDA graph returns as soon as it is queued, and its values are
+        read by the `PendingStep`'s `result()` (`upcycle.train.pending`). A loop that launches
+        step s + 1 before reading step s keeps the GPU busy while the host logs and loads the next
+        batch; every other step (eager, warm-up) has run when this returns, after the steps in
+        flight were read."""
         lr = self.schedule(step)
+        if self.graph is not None:
+            for router in self.routers:
+                router.set_step(step - 1)  # queued: read by the replay, after the ones in flight
+            return self.graph.launch(step, lr, micro_batches)
+        self.drain()
         for router in self.routers:
             router.set_step(step - 1)
-        if self.graph is not None:
-            return self.graph(step, lr, micro_batches)
         set_learning_rate(self.optimizer, lr)
-        return self.eager_step(step, lr, self.device_inputs(micro_batches))
+        return PendingStep.settled(step, self.eager_step(step, lr, self.device_inputs(micro_batches)))
+
+    def drain(self) -> None:
+        """Read every step in flight (raising what the first failing one raised)."""
+        if self.in_flight:
+            self.in_flight[-1].result()
 
     def device_inputs(self, micro_batches: list[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(input ids, labels) of each micro-batch on the device (`model_inputs`)."""
@@ -192,14 +214,22 @@ class TrainStep:
     def _finite(result: StepResult) -> bool:
         return math.isfinite(result.loss) and math.isfinite(result.grad_norm)
 
-    def device_step(self, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[str]]:
+    def device_step(
+        self, inputs: list[tuple[torch.Tensor, torch.Tensor]], halted: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[str]]:
         """Steps 2-5 with no host synchronisation (a fused AdamW only): the values that
         `result` reads ([sums..., norm] on the device) and the aux-loss kinds. What
-        `upcycle.train.cuda_graph` captures."""
+        `upcycle.train.cuda_graph` captures. `halted` (stop policy, fp32 0/1 on the device):
+        set by a non-finite step and kept, so that every step after it skips its update too,
+        as the host has not read the values when later steps are queued (`launch`)."""
         sums, aux_kinds = self._forward_backward(inputs)
         norm = self._grad_norm()
         values = self._reduce(sums, norm)
-        self._clip_and_step(norm, self._found_inf(values))
+        found_inf = self._found_inf(values)
+        if halted is not None:
+            found_inf = torch.maximum(found_inf, halted)
+            halted.copy_(found_inf)
+        self._clip_and_step(norm, found_inf)
         return values, aux_kinds
 
     @staticmethod

@@ -47,6 +47,7 @@ from upcycle.train.distributed import Distributed, shard_model
 from upcycle.train.evaluation import evaluate_heldout
 from upcycle.train.metrics import MetricsWriter, TrainProgress, train_record
 from upcycle.train.optim import build_optimizer, freeze_parameters
+from upcycle.train.pending import PendingStep
 from upcycle.train.preflight import plan_run
 from upcycle.train.schedule import WarmupCosine
 from upcycle.train.step import NonFiniteLossError, StepResult, TrainStep
@@ -246,24 +247,50 @@ class Trainer:
         show = self.distributed.is_main and config.log.progress and not self.quiet
         self._training = True
         with TrainProgress(plan.total_steps, self.counters.step, enabled=show) as progress:
+            # Step s + 1 is launched before step s is read (`TrainStep.launch`): a graphed step
+            # is queued in microseconds, so the GPU runs it while the host logs step s and loads
+            # the next batch. Eager steps have run when launch returns. A step after which the
+            # run evaluates or saves is read first, so that both see exactly its weights.
+            pending: PendingStep | None = None
+            self._read_at = time.perf_counter()
             for step in range(self.counters.step + 1, plan.total_steps + 1):
-                started = time.perf_counter()
-                last = self.train_step(step, split_batch(next(batches), plan.micro_batch_size))
-                tokens_per_s = plan.tokens_per_step / (time.perf_counter() - started)
-                self._count(last)
-                if step % config.log.every_steps == 0 or step == plan.total_steps:
-                    metrics.write(self._train_record(last, tokens_per_s))
-                progress.update(last, tokens_per_s)
-                if config.eval.every_steps and step % config.eval.every_steps == 0:
-                    evaluation, evaluated_at = self._evaluate(metrics), step
+                try:
+                    launched = self.train_step.launch(step, split_batch(next(batches), plan.micro_batch_size))
+                except BaseException:
+                    if pending is not None:  # logged (or its own error raised) first
+                        self._read(pending, metrics, progress)
+                    raise
+                if pending is not None:
+                    last = self._read(pending, metrics, progress)
+                pending = launched
+                evaluate = bool(config.eval.every_steps and step % config.eval.every_steps == 0)
                 every = config.checkpoint.every_steps
-                if every and (step % every == 0 or step == plan.total_steps):
-                    self.checkpointer.save(
-                        step, self.model, optimizer, self._trainer_state(batches, schedule)
-                    )
+                save = bool(every and (step % every == 0 or step == plan.total_steps))
+                if evaluate or save or step == plan.total_steps:
+                    last, pending = self._read(pending, metrics, progress), None
+                    if evaluate:
+                        evaluation, evaluated_at = self._evaluate(metrics), step
+                    if save:
+                        self.checkpointer.save(
+                            step, self.model, optimizer, self._trainer_state(batches, schedule)
+                        )
+                    self._read_at = time.perf_counter()  # the next step's rate leaves these out
         if config.eval.at_end and plan.eval_domains and evaluated_at != self.counters.step:
             evaluation = self._evaluate(metrics)
         return last, evaluation
+
+    def _read(self, pending: PendingStep, metrics: MetricsWriter, progress: TrainProgress) -> StepResult:
+        """A launched step's values on the host: counted, logged, shown. Its rate is over the
+        time since the previous step was read (steps overlap, so that is the time a step takes)."""
+        result = pending.result()
+        now = time.perf_counter()
+        tokens_per_s = self.plan.tokens_per_step / max(now - self._read_at, 1e-9)
+        self._read_at = now
+        self._count(result)
+        if result.step % self.config.log.every_steps == 0 or result.step == self.plan.total_steps:
+            metrics.write(self._train_record(result, tokens_per_s))
+        progress.update(result, tokens_per_s)
+        return result
 
     def _count(self, result: StepResult) -> None:
         counters = self.counters
