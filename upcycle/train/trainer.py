@@ -249,8 +249,11 @@ class Trainer:
         with TrainProgress(plan.total_steps, self.counters.step, enabled=show) as progress:
             # Step s + 1 is launched before step s is read (`TrainStep.launch`): a graphed step
             # is queued in microseconds, so the GPU runs it while the host logs step s and loads
-            # the next batch. Eager steps have run when launch returns. A step after which the
-            # run evaluates or saves is read first, so that both see exactly its weights.
+            # the next batch. Eager steps have run when launch returns and are read at once. A
+            # step after which the run evaluates or saves is read first, so that both see exactly
+            # its weights. (With the skip policy, a step queued behind the one that reaches
+            # `max_consecutive_skips` has updated the weights in memory when the run stops; the
+            # run saves nothing after it.)
             pending: PendingStep | None = None
             self._read_at = time.perf_counter()
             for step in range(self.counters.step + 1, plan.total_steps + 1):
@@ -266,7 +269,7 @@ class Trainer:
                 evaluate = bool(config.eval.every_steps and step % config.eval.every_steps == 0)
                 every = config.checkpoint.every_steps
                 save = bool(every and (step % every == 0 or step == plan.total_steps))
-                if evaluate or save or step == plan.total_steps:
+                if pending.done or evaluate or save or step == plan.total_steps:
                     last, pending = self._read(pending, metrics, progress), None
                     if evaluate:
                         evaluation, evaluated_at = self._evaluate(metrics), step
