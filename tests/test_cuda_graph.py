@@ -225,13 +225,15 @@ def test_a_replay_launched_behind_a_nonfinite_step_changes_nothing_under_stop() 
     for index in range(WARMUP_STEPS + 1):
         step(index + 1, [data[index]])
     token = data[3].input_ids_BS[0, 0]
+    # step 5's own batch is finite: only the flag can keep it from updating
+    assert not (data[5].input_ids_BS == token).any()
     embedding = step.model.model.embed_tokens.weight
     row = embedding[token].detach().clone()
     with torch.no_grad():
         embedding[token] = float("inf")
     before = _state(step)
     step.launch(4, [data[3]])
-    fifth = step.launch(5, [data[4]])
+    fifth = step.launch(5, [data[5]])
     with pytest.raises(NonFiniteLossError, match="step 4"):
         fifth.result()
     with pytest.raises(UpcycleError, match="step 5 was launched before step 4"):
@@ -243,7 +245,7 @@ def test_a_replay_launched_behind_a_nonfinite_step_changes_nothing_under_stop() 
         embedding[token] = row
     norm = step.model.model.norm.weight
     unchanged = norm.detach().clone()
-    result = step(6, [data[5]])
+    result = step(6, [data[4]])
     assert math.isfinite(result.loss) and not result.skipped
     assert not torch.equal(norm, unchanged), "the step after the stopped one must update again"
 
@@ -502,7 +504,7 @@ def test_step_graph_stop_policy_halts_the_replays_queued_behind_a_nonfinite_step
     with pytest.raises(NonFiniteLossError, match="step 4"):
         fifth.result()
     assert float(graph.halted) == 0.0 and owner.in_flight == []
-    with pytest.raises(UpcycleError, match="step 5 was launched before step 4 ended the run"):
+    with pytest.raises(UpcycleError, match="step 5 was launched before step 4 ended the run with an error"):
         fifth.result()
     assert graph(6, 0.1, [_batch(8)]).step == 6  # the caller may go on: the next step is read
 
@@ -519,3 +521,43 @@ def test_step_graph_skip_policy_has_no_halt_flag(monkeypatch) -> None:
     graph(1, 0.1, [_batch(8)])
     graph(2, 0.1, [_batch(8)])
     assert ("halted", None) in fake.log
+
+
+def _cpu_step() -> TrainStep:
+    """The step on the CPU with torch's fused AdamW (it runs there), stop policy."""
+    model = init_weights(Transformer(CONFIG), seed=0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, fused=True)
+    return TrainStep(
+        model, optimizer, WarmupCosine(LR, 0, 10**9, 1.0), Distributed(device=torch.device("cpu")),
+        clip_grad_norm=1.0, autocast_dtype=None, nonfinite_policy="stop",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", [True, False], ids=["halted", "no-flag"])
+def test_device_step_halted_flag_skips_every_later_update(flag: bool) -> None:
+    """`TrainStep.device_step` (what the graph captures), run directly on the CPU: a non-finite
+    step sets `halted`, and a finite step after it then changes no weight or moment. Without
+    the flag the same finite step does update (the control: the flag is what stops it)."""
+    step, data = _cpu_step(), _batches(6)
+    for index in range(3):
+        step(index + 1, [data[index]])
+    token = data[3].input_ids_BS[0, 0]
+    assert not (data[5].input_ids_BS == token).any()
+    with torch.no_grad():
+        step.model.model.embed_tokens.weight[token] = float("inf")
+    halted = torch.zeros(()) if flag else None
+    before = _state(step)
+
+    def device_step(batch: Batch) -> torch.Tensor:
+        step.optimizer.zero_grad(set_to_none=True)
+        return step.device_step(step.device_inputs([batch]), halted)[0]
+
+    assert not torch.isfinite(device_step(data[3])[0])
+    if flag:
+        assert float(halted) == 1.0
+    assert torch.isfinite(device_step(data[5])[0])
+    after = _state(step)
+    unchanged = [torch.equal(x, y) for x, y in zip(before, after, strict=True) if not x.isinf().any()]
+    assert all(unchanged) == flag
+    if flag:
+        assert float(halted) == 1.0  # kept until the host clears it

@@ -9,6 +9,7 @@ replays themselves are tested in tests/test_cuda_graph.py (recorded CUDA calls, 
 from __future__ import annotations
 
 import pytest
+import torch
 from test_train_helpers import DENSE, one_thread, prepared_data_fixture, train_config, train_records  # noqa: F401
 
 import upcycle.train.trainer as trainer_module
@@ -66,13 +67,18 @@ def test_a_step_read_first_that_fails_abandons_those_after_it() -> None:
     assert log == [("read", 1)]
 
 
-def _deferred_launch(monkeypatch, log: list) -> None:
+def _deferred_launch(monkeypatch, log: list, out_of_memory_at: int | None = None) -> None:
     """`TrainStep.launch` as a graphed run behaves: the step's work happens at launch, its values
-    are read (and its non-finite decision raised) only when `result()` is called."""
+    are read (and its non-finite decision raised) only when `result()` is called. The deferred
+    reads queue apart from `TrainStep.in_flight`, which the real (eager) launch would drain.
+    `out_of_memory_at`: that step's launch raises CUDA's out-of-memory error instead."""
     real = TrainStep.launch
+    queue: list[PendingStep] = []
 
     def launch(self, step, micro_batches):
         log.append(("launch", step))
+        if step == out_of_memory_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         try:
             done, error = real(self, step, micro_batches), None
         except NonFiniteLossError as raised:  # a graphed step raises it when read
@@ -84,8 +90,8 @@ def _deferred_launch(monkeypatch, log: list) -> None:
                 raise error
             return done.result()
 
-        pending = PendingStep(step, read, self.in_flight)
-        self.in_flight.append(pending)
+        pending = PendingStep(step, read, queue)
+        queue.append(pending)
         return pending
 
     monkeypatch.setattr(TrainStep, "launch", launch)
@@ -121,9 +127,7 @@ def test_the_trainer_reads_a_step_after_launching_the_next(prepared_data, tmp_pa
         ("launch", 6), ("read", 6), ("save", 6),
         ("launch", 7), ("read", 7), ("save", 7),  # the last step: read, then saved
     ]  # fmt: skip
-    records = train_records(tmp_path / "run")
-    assert [r["step"] for r in records] == list(range(1, 8))
-    assert all(r["tokens_per_s"] > 0 for r in records)
+    assert [r["step"] for r in train_records(tmp_path / "run")] == list(range(1, 8))
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -138,5 +142,28 @@ def test_a_nonfinite_step_read_late_still_stops_the_run(prepared_data, tmp_path,
     config = train_config(prepared_data, tmp_path / "run", DENSE, stop={"max_steps": 6})
     with pytest.raises(NonFiniteLossError, match="step 3"):
         Trainer(TrainConfig.model_validate(config), quiet=True).run()
-    assert ("read", 3) in log and log.index(("launch", 4)) < log.index(("read", 3))
+    assert log[-2:] == [("launch", 4), ("read", 3)]  # raised by the read, after step 4's launch
     assert [r["step"] for r in train_records(tmp_path / "run")] == [1, 2]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("step_3", ["finite", "nan"])
+def test_a_failing_launch_reads_the_step_before_it_first(
+    prepared_data, tmp_path, monkeypatch, step_3
+) -> None:
+    """Step 4's launch runs out of memory while step 3 is unread: step 3 is read first, so it is
+    logged and counted (the advice names step 4), or, non-finite, its own error is raised."""
+    from test_train_faults import inject
+
+    log: list = []
+    _deferred_launch(monkeypatch, log, out_of_memory_at=4)
+    if step_3 == "nan":
+        inject(monkeypatch, "nan", at_steps=(3,))
+    config = train_config(prepared_data, tmp_path / "run", DENSE, stop={"max_steps": 6})
+    trainer = Trainer(TrainConfig.model_validate(config), quiet=True)
+    expected = (UpcycleError, "at step 4") if step_3 == "finite" else (NonFiniteLossError, "step 3")
+    with pytest.raises(expected[0], match=expected[1]):
+        trainer.run()
+    assert log[-2:] == [("launch", 4), ("read", 3)]
+    logged = [r["step"] for r in train_records(tmp_path / "run")]
+    assert logged == ([1, 2, 3] if step_3 == "finite" else [1, 2])

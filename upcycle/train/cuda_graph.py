@@ -246,13 +246,14 @@ class StepGraph:
     def _read(self, step: int, lr: float, values: HostCopy, aux_kinds: list[str], passes: int):
         """Step 4 (`TrainStep`): the values on the host, then the non-finite decision (the
         update was already guarded on the device)."""
-        result = self.owner.result(step, lr, values.tolist(), aux_kinds, passes)
         try:
+            result = self.owner.result(step, lr, values.tolist(), aux_kinds, passes)
             return self.owner.check_finite(result)
-        except Exception:
+        except BaseException:
             if self.halted is not None:
-                # the run stopped here: replays already queued saw the flag and changed nothing;
-                # later ones (if the caller goes on) step again
+                # the run stops here (a non-finite step, or the read itself failed): the replays
+                # already queued, abandoned unread, kept the weights if the flag was set; queued
+                # after them, the reset lets later steps (if the caller goes on) update again
                 self.halted.zero_()
             raise
 

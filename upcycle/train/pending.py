@@ -8,10 +8,11 @@ batch and launches the next graph. `TrainStep.__call__` is `launch(...).result()
 one-step-at-a-time order.
 
 Outcomes are read in launch order: `result()` of a step first settles every step launched before
-it, and an error of an earlier step is raised before a later step's result. A step that ended
-the run (a non-finite step under the stop policy) marks the steps launched after it as
-abandoned: their updates were skipped on the device (`TrainStep.device_step`'s `halted` flag),
-and their `result()` says so instead of returning values that no update followed.
+it, and an error of an earlier step is raised before a later step's result. A step whose
+reading fails marks the steps launched after it as abandoned: their `result()` raises instead
+of returning values. After a non-finite step under the stop policy their updates were also
+skipped on the device (`TrainStep.device_step`'s `halted` flag), so the weights are those from
+before the failing step.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ class PendingStep:
     def _abandon(self, stopped_at: int) -> None:
         self._read = None
         self._error = UpcycleError(
-            f"step {self.step} was launched before step {stopped_at} ended the run, so it has no "
-            "result (after a non-finite step under the stop policy its update was skipped on the "
-            "device); resume from the last checkpoint"
+            f"step {self.step} was launched before step {stopped_at} ended the run with an error, so "
+            "it has no result; resume from the last checkpoint"
         )
