@@ -243,11 +243,12 @@ def test_a_replay_launched_behind_a_nonfinite_step_changes_nothing_under_stop() 
     assert all(torch.equal(x.isinf(), y.isinf()) for x, y in zip(before, after, strict=True))
     with torch.no_grad():
         embedding[token] = row
-    norm = step.model.model.norm.weight
-    unchanged = norm.detach().clone()
+    counts = [float(state["step"]) for state in step.optimizer.state.values()]
     result = step(6, [data[4]])
     assert math.isfinite(result.loss) and not result.skipped
-    assert not torch.equal(norm, unchanged), "the step after the stopped one must update again"
+    # the step after the stopped one updates again (AdamW's step counts: a bf16 weight can keep
+    # its value through a small update)
+    assert [float(state["step"]) for state in step.optimizer.state.values()] == [c + 1 for c in counts]
 
 
 @needs_gpu
