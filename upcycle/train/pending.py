@@ -51,11 +51,8 @@ class PendingStep:
         queue = self._queue
         while queue and not self.done:
             earlier = queue.pop(0)
-            earlier._settle()
+            earlier._settle()  # a failure abandons every step still queued, this one included
             if earlier._error is not None and earlier is not self:
-                for later in queue:
-                    later._abandon(earlier.step)
-                queue.clear()
                 raise earlier._error
         if self._error is not None:
             raise self._error

@@ -162,13 +162,10 @@ class TrainStep:
         batch; every other step (eager, warm-up) has run when this returns, after the steps in
         flight were read."""
         lr = self.schedule(step)
-        if self.graph is not None:
-            for router in self.routers:
-                router.set_step(step - 1)  # queued: read by the replay, after the ones in flight
-            return self.graph.launch(step, lr, micro_batches)
-        self.drain()
         for router in self.routers:
-            router.set_step(step - 1)
+            router.set_step(step - 1)  # queued on the stream, behind any step in flight
+        if self.graph is not None:
+            return self.graph.launch(step, lr, micro_batches)
         set_learning_rate(self.optimizer, lr)
         return PendingStep.settled(step, self.eager_step(step, lr, self.device_inputs(micro_batches)))
 
