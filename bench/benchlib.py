@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -146,6 +148,24 @@ def time_graphed(
         for _ in range(calls):
             fn()
     return [ms / calls for ms in time_calls(graph.replay, device, 1, steps)]
+
+
+def matmul_ceiling(device: torch.device, sizes: tuple[int, ...] = (4096, 8192, 16384)) -> tuple[float, int]:
+    """This card's bf16 matmul ceiling in FLOP/s, measured now: the fastest of square n³ GEMMs
+    (`torch.mm`, the median of 10 graphed timings each), with the n that gave it.
+
+    perf.md reports MFU "against the measured matmul ceiling (about 790 on H100)"; cards of one
+    model differ by a few percent (clocks, power), so a step's MFU is also worth stating against
+    the ceiling of the card that ran it, measured in the same process."""
+    best, best_n = 0.0, 0
+    for n in sizes:
+        a, b, out = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(3))
+        call = functools.partial(torch.mm, a, b, out=out)
+        ms = statistics.median(time_graphed(call, device, warmup=2, steps=10, calls=4))
+        if 2 * n**3 / (ms / 1e3) > best:
+            best, best_n = 2 * n**3 / (ms / 1e3), n
+        del a, b, out, call  # before the next size's operands are made
+    return best, best_n
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -27,7 +27,9 @@ a graphed step is queued before the previous one is read), transformers' loss is
 timing. "isolated ms" times some of the
 same steps again, each from an idle GPU until all its work is done (the earlier protocol), so the
 two can be compared. Peak memory from `torch.cuda.max_memory_allocated`. MFU against 790 TFLOP/s (measured
-bf16 matmul ceiling of an H100) and 989 (datasheet). The `moe path` column says which expert
+bf16 matmul ceiling of an H100, perf.md), against this card's own ceiling measured first in the same
+process ("MFU (card)": the fastest bf16 n³ `torch.mm`, n = 4096, 8192, 16384; `--no-ceiling` skips
+it) and against 989 (datasheet). The `moe path` column says which expert
 implementation the MoE layers resolved to for the inputs they actually received.
 
 Usage (GPU):  python bench/train_step.py [--compile] [--cuda-graph] [--keep-rows] [--batch 16] [--seq-len 2048]
@@ -57,7 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import run_header
+from benchlib import matmul_ceiling, run_header
 
 from upcycle.data import Batch
 from upcycle.kernels.dtypes import autocast_dtype
@@ -108,6 +110,7 @@ class Row:
     tflops: float
     mfu: float | None
     mfu_datasheet: float | None
+    mfu_card: float | None  # against this card's matmul ceiling, measured in the same process
     peak_gb: float | None
     moe_path: str
     loss: float
@@ -258,7 +261,9 @@ def build_step(name: str, config: ModelConfig, args, device: torch.device):
     )
 
 
-def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Row:
+def bench_case(
+    name: str, config: ModelConfig, args, device: torch.device, ceiling: float | None = None
+) -> Row:
     bf16 = device.type == "cuda"
     model, step = build_step(name, config, args, device)
     paths = {"hf grouped_mm" if bf16 else "hf eager"} if name.startswith("hf-") else moe_paths(model)
@@ -308,6 +313,7 @@ def bench_case(name: str, config: ModelConfig, args, device: torch.device) -> Ro
         tflops=achieved / 1e12,
         mfu=achieved / H100_BF16_MEASURED_FLOPS if bf16 else None,
         mfu_datasheet=achieved / H100_BF16_DATASHEET_FLOPS if bf16 else None,
+        mfu_card=achieved / ceiling if bf16 and ceiling else None,
         peak_gb=torch.cuda.max_memory_allocated(device) / 2**30 if bf16 else None,
         moe_path=",".join(sorted(paths)) or "-",
         loss=float(results[-1].loss),
@@ -319,24 +325,33 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def print_table(rows: list[Row], args, device: torch.device) -> None:
+def print_table(
+    rows: list[Row], args, device: torch.device, ceiling: tuple[float, int] | None = None
+) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    card = (
+        ""
+        if ceiling is None
+        else f"; this card's matmul ceiling {ceiling[0] / 1e12:.0f} TFLOP/s (bf16 {ceiling[1]}³)"
+    )
     print(
         f"{run_header(name)}; "
         f"batch {args.batch} × {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
         f"compile {args.compile}, CUDA graph {args.cuda_graph and device.type == 'cuda'}; median of {args.steps} steps"
+        f"{card}"
     )
     print(
         "| case | params | active | tokens/step | first step s | step ms | isolated ms | tokens/s | TFLOP/s | "
-        "MFU (790) | MFU (989) | peak GB | moe path | loss |"
+        "MFU (790) | MFU (card) | MFU (989) | peak GB | moe path | loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "-" if r.peak_gb is None else f"{r.peak_gb:.1f}"
         print(
             f"| {r.case} | {r.parameters / 1e6:.1f}M | {r.active / 1e6:.1f}M | {r.tokens_per_step:,} | "
             f"{r.first_step_s:.2f} | {r.step_ms:.1f} | {r.isolated_step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tflops:.1f} | "
-            f"{_percent(r.mfu)} | {_percent(r.mfu_datasheet)} | {peak} | {r.moe_path} | {r.loss:.3f} |"
+            f"{_percent(r.mfu)} | {_percent(r.mfu_card)} | {_percent(r.mfu_datasheet)} | {peak} | {r.moe_path} | "
+            f"{r.loss:.3f} |"
         )
 
 
@@ -367,6 +382,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="compiled MoE layers keep their dispatched rows for backward instead of gathering them "
         "again (grouped_moe.KEEP_DISPATCHED_ROWS_COMPILED; rows labelled 'rows kept')",
     )
+    parser.add_argument(
+        "--no-ceiling",
+        action="store_true",
+        help="skip measuring this card's bf16 matmul ceiling (the 'MFU (card)' column; a few seconds)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.keep_rows:
@@ -377,12 +397,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
         args.batch, args.seq_len, args.steps, args.warmup = 2, 32, 3, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     configs = case_configs(args.tiny)
-    rows = [bench_case(name, configs[name], args, device) for name in args.cases]
+    # the card's own ceiling, measured before the cases (MFU (card)); perf.md's 790 stays the headline
+    ceiling = matmul_ceiling(device) if device.type == "cuda" and not args.no_ceiling else None
+    rows = [bench_case(name, configs[name], args, device, ceiling and ceiling[0]) for name in args.cases]
     for row in rows if args.keep_rows else []:
         row.case += ", rows kept"
-    print_table(rows, args, device)
+    print_table(rows, args, device, ceiling)
     if args.json is not None:
-        args.json.write_text(json.dumps({"device": str(device), "rows": [asdict(r) for r in rows]}, indent=1))
+        record = {
+            "device": str(device),
+            "matmul_ceiling_flops": ceiling and ceiling[0],
+            "rows": [asdict(r) for r in rows],
+        }
+        args.json.write_text(json.dumps(record, indent=1))
     return rows
 
 
