@@ -123,6 +123,7 @@ class Row:
     errors: dict[str, float] = field(default_factory=dict)
     ok: bool | None = None
     note: str = ""
+    round_ms: list[float] = field(default_factory=list)  # the median of each round's steps
 
 
 # ----------------------------------------------------------------------------- environment
@@ -254,6 +255,7 @@ def measure(
     device: torch.device,
     warmup: int,
     steps: int,
+    peak: bool = True,
 ) -> dict[str, object]:
     module = variant.module
     u = u.detach().requires_grad_()
@@ -264,7 +266,7 @@ def measure(
         variant.forward(module, u, cos, sin).backward(g)
 
     result: dict[str, object] = {"ms_all": time_calls(step, device, warmup, steps)}
-    if device.type == "cuda":
+    if peak and device.type == "cuda":
         module.zero_grad(set_to_none=True)
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -301,7 +303,10 @@ def results_table(rows: list[Row]) -> list[str]:
 def targets_table(rows: list[Row]) -> list[str]:
     named = {row.name: row for row in rows}
     dense = named.get("dense")
-    lines = ["| what | TFLOP/s ÷ dense block | target | verdict |", "|---|---|---|---|"]
+    lines = [
+        "| what | TFLOP/s ÷ dense block | each round | target | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for name in (
         "moa expert-KV wide",
         "moa shared-KV wide",
@@ -317,11 +322,17 @@ def targets_table(rows: list[Row]) -> list[str]:
         value = ratio(row.tflops, base.tflops if base else None)
         verdict = "n/a" if value is None else ("MET" if value >= TARGET_WIDE else "MISSED")
         against = " (÷ dense compiled)" if name.endswith("compiled") else ""
-        lines.append(f"| {name}{against} | {fmt(value, '.2f')} | ≥ {TARGET_WIDE} | {verdict} |")
+        per_round = " ".join(
+            f"{(row.flops / mine) / (base.flops / theirs):.3f}"
+            for mine, theirs in zip(row.round_ms, base.round_ms if base else [], strict=False)
+        )
+        lines.append(
+            f"| {name}{against} | {fmt(value, '.2f')} | {per_round or 'n/a'} | ≥ {TARGET_WIDE} | {verdict} |"
+        )
     cudnn_dense = named.get("dense cudnn")
     if cudnn_dense is not None and dense is not None:
         lines.append(
-            f"| dense cudnn ÷ dense (default SDPA) | {fmt(ratio(cudnn_dense.tflops, dense.tflops), '.2f')} | | |"
+            f"| dense cudnn ÷ dense (default SDPA) | {fmt(ratio(cudnn_dense.tflops, dense.tflops), '.2f')} | | | |"
         )
     return lines
 
@@ -338,6 +349,12 @@ def run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median taken); ≥ 15")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="time every variant once per round, interleaved, and take each row's median over all rounds",
+    )
     parser.add_argument("--no-cudnn", action="store_true", help="skip the rows that request cuDNN attention")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
@@ -351,14 +368,17 @@ def run(argv: list[str] | None) -> int:
         # Tiny ops: one thread avoids OpenMP spinning on a shared 2-core CI machine.
         torch.set_num_threads(1)
         device, case, steps, warmup, with_cudnn = torch.device("cpu"), SMOKE_CASE, 2, 1, False
-        with_compile = False
+        with_compile, rounds = False, 2
     else:
         if not torch.cuda.is_available():
             print("attention_experts: no CUDA GPU; use --cpu-smoke for the CPU smoke run", file=sys.stderr)
             return 2
         if args.steps < 15:
             parser.error("perf.md asks for the median of at least 15 timed steps")
+        if args.rounds < 1:
+            parser.error("--rounds must be at least 1")
         device, case, steps, warmup = torch.device("cuda"), GPU_CASE, args.steps, args.warmup
+        rounds = args.rounds
         with_cudnn = not args.no_cudnn
         with_compile = not args.no_compile
     assert not torch.backends.cuda.matmul.allow_tf32, "the fp32 reference must not run in tf32"
@@ -397,25 +417,52 @@ def run(argv: list[str] | None) -> int:
     cos, sin = rope_tables(case, case.B, case.S, device, dtype)
     u = torch.randn(case.B, case.S, case.D, generator=generator, device=device).to(dtype)
     g = torch.randn(case.B, case.S, case.D, generator=generator, device=device).to(dtype)
-    for variant, row in zip(all_variants, rows, strict=True):
-        if row.note and row.errors == {}:
-            log(f"time  {variant.name:<26} skipped: the check did not run")
+    # Rounds: every variant timed once per round, in the same order, and each row's median taken
+    # over all its rounds' steps. A card's clocks drift as it heats (a dense block timed first on a
+    # cool card and the wide ones a minute later would carry that drift into the ratio); rounds
+    # spread every row over the whole run. Per-round ratios to the dense block are logged.
+    times_of: dict[str, list[float]] = {row.name: [] for row in rows}
+    for round_index in range(rounds):
+        for variant, row in zip(all_variants, rows, strict=True):
+            if row.note:  # a failed check, or a timing that raised in an earlier round
+                if round_index == 0:
+                    log(f"time  {variant.name:<26} skipped: {row.note[:120]}")
+                continue
+            try:
+                result = measure(
+                    variant,
+                    u,
+                    g,
+                    cos,
+                    sin,
+                    device,
+                    warmup if round_index == 0 else 1,
+                    steps,
+                    peak=round_index == 0,
+                )
+            except Exception as error:
+                row.note = f"timing raised {type(error).__name__}: {error}".replace("\n", " ")[:300]
+                log(f"time  {variant.name:<26} FAILED: {row.note}")
+                continue
+            times = result["ms_all"]
+            times_of[row.name].extend(times)
+            if "peak_bytes" in result:
+                row.peak_gib = result["peak_bytes"] / GIB
+            log(f"time  {variant.name:<26} round {round_index + 1}: {statistics.median(times):8.3f} ms")
+    for row in rows:
+        times = times_of[row.name]
+        if not times:
             continue
-        try:
-            result = measure(variant, u, g, cos, sin, device, warmup, steps)
-        except Exception as error:
-            row.note = (row.note + f" timing raised {type(error).__name__}: {error}").replace("\n", " ")[:300]
-            log(f"time  {variant.name:<26} FAILED: {row.note}")
-            continue
-        times = result["ms_all"]
         row.ms = statistics.median(times)
         row.ms_spread = (min(times), max(times))
         row.tflops = row.flops / row.ms / 1e9
-        if "peak_bytes" in result:
-            row.peak_gib = result["peak_bytes"] / GIB
+        rounds_ms = [
+            statistics.median(times[i * steps : (i + 1) * steps]) for i in range(len(times) // steps)
+        ]
+        row.round_ms = rounds_ms
         log(
-            f"time  {variant.name:<26} {row.ms:8.3f} ms (min {row.ms_spread[0]:.3f} max "
-            f"{row.ms_spread[1]:.3f}) {row.tflops:7.1f} TFLOP/s"
+            f"time  {row.name:<26} {row.ms:8.3f} ms (min {row.ms_spread[0]:.3f} max "
+            f"{row.ms_spread[1]:.3f}; rounds {' '.join(f'{m:.3f}' for m in rounds_ms)}) {row.tflops:7.1f} TFLOP/s"
         )
 
     if args.json is not None:
@@ -425,6 +472,7 @@ def run(argv: list[str] | None) -> int:
             "case": asdict(case),
             "steps": steps,
             "warmup": warmup,
+            "rounds": rounds,
             "rows": [asdict(r) for r in rows],
         }
         args.json.write_text(json.dumps(payload, indent=2))
