@@ -69,6 +69,7 @@ from upcycle.kernels.combine import gather_sum
 from upcycle.kernels.dispatch import expert_counts, sort_by_expert
 from upcycle.kernels.gather_gemm import gather_grouped_mm, gather_grouped_wgrad
 from upcycle.kernels.host_copy import HostCopy
+from upcycle.kernels.trace import trace_constant
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -104,7 +105,7 @@ def grouped_mm_available(
     return _grouped_mm_available(device.type, device.index, dtype, tuple(int(w) for w in widths))
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _grouped_mm_available(
     device_type: str, index: int | None, dtype: torch.dtype, widths: tuple[int, ...]
 ) -> bool:

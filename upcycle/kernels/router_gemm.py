@@ -68,6 +68,7 @@ from upcycle.kernels.swiglu import (
     triton_interpreted,
     unit_stride_rows,
 )
+from upcycle.kernels.trace import trace_constant
 
 _BF16 = torch.bfloat16
 
@@ -99,7 +100,7 @@ def applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
     )
 
 
-@torch.compiler.assume_constant_result  # a constant of the trace: no graph break, no guard
+@trace_constant  # a constant of the trace: no graph break, no guard
 def _bf16_tensor_cores(index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 8
 
