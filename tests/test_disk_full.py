@@ -23,6 +23,7 @@ from __future__ import annotations
 import builtins
 import collections
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -145,6 +146,8 @@ class QuotaFile:
         view = memoryview(data).cast("B")
         self._handle.flush()
         room = self._disk.free()
+        if fcntl.fcntl(self._handle.fileno(), fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            room -= room % safetensors_io.DIRECT_ALIGN  # direct writes fill whole blocks, as a kernel's
         if len(view) > room:
             self._handle.write(view[: max(room, 0)])
             self._handle.flush()
@@ -221,12 +224,27 @@ def test_refused_up_front_when_the_estimate_exceeds_free_space(disk, source, tmp
     assert sorted(p.name for p in disk.path.iterdir()) == []
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 @pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
 @pytest.mark.parametrize("leave", [0, 0.4, 0.98], ids=["full", "at_40pct", "at_98pct"])
-def test_disk_fills_up_mid_write(disk, source, reference, tmp_path, monkeypatch, overwrite, leave):
-    """The estimate passes, then the disk fills up to `leave` × the output size; the write fails."""
+def test_disk_fills_up_mid_write(disk, source, reference, tmp_path, monkeypatch, overwrite, leave, direct):
+    """The estimate passes, then the disk fills up to `leave` × the output size; the write fails.
+    `direct`: the shards are written with O_DIRECT (large shards are; here every shard, through
+    a 64 KiB buffer), and the disk fills up under a direct write."""
     out = disk.path / "out"
     monkeypatch.setattr(engine, "DISK_MARGIN_BYTES", 0)  # a few MB could never pass the real margin
+    opened = []
+    if direct:
+        if not direct_supported(disk.path):
+            pytest.skip(f"the {disk.backend} disk refuses O_DIRECT on this kernel")
+        monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", 0)
+        monkeypatch.setattr(safetensors_io, "DIRECT_BUFFER_BYTES", 64 * 1024)
+        real_direct_open = safetensors_io._DirectFile.open.__func__
+        monkeypatch.setattr(
+            safetensors_io._DirectFile,
+            "open",
+            classmethod(lambda cls, path: opened.append(path) or real_direct_open(cls, path)),
+        )
     if overwrite:
         upcycle.convert(convert_yaml(tmp_path, source, 2), out)
         previous = folder_digest(out)
@@ -254,6 +272,19 @@ def test_disk_fills_up_mid_write(disk, source, reference, tmp_path, monkeypatch,
     assert run_cli("convert", convert_yaml(tmp_path, source, 8), out, "--quiet", *flags).returncode == 0
     assert folder_digest(out) == folder_digest(reference)
     assert leftovers(disk.path) == []
+    assert bool(opened) == direct  # the direct variant wrote direct, the buffered one did not
+
+
+def direct_supported(folder: Path) -> bool:
+    if not safetensors_io.DIRECT_IO:
+        return False
+    try:
+        fd = os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    (folder / ".probe").unlink()
+    return True
 
 
 def test_init_on_a_full_disk(disk, tmp_path):

@@ -8,13 +8,25 @@ lazily, one `read` per tensor.
 Writing is planned: the caller gives every (name, dtype, shape) first, the writer assigns them to
 shards and writes each shard's header up front, then streams each tensor's bytes as it arrives.
 Memory therefore stays at one tensor, whatever the model size.
+
+Large shards (≥ `DIRECT_MIN_BYTES`) are written with direct I/O where the OS and filesystem allow
+it (Linux `O_DIRECT`): bytes go from an aligned buffer to the disk without passing through the
+page cache. On the 2-core CI machine a buffered write of a few GB costs about 2.5 s of kernel time
+per GB (page-cache copies, dirty-page accounting, writeback), more than the disk itself takes, and
+leaves the cache full of pages nobody reads; direct writes of the same bytes took a tenth of the
+CPU and ran at the disk's speed (bench/RESULTS.md, "Conversion, direct writes"). The file's bytes
+are the same either way (tests/test_safetensors_direct.py); where direct I/O is refused (some
+filesystems: tmpfs before Linux 6.6, several network and FUSE ones; macOS has no O_DIRECT) the
+shard is written buffered, as small shards are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -48,6 +60,12 @@ INDEX_NAME = "model.safetensors.index.json"
 ADVISE_DONTNEED = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 ADVISE_EVERY_BYTES = 64 * 1024**2
 SINGLE_NAME = "model.safetensors"
+# Direct I/O (see the module docstring): shards of at least this many bytes, written through an
+# aligned buffer of DIRECT_BUFFER_BYTES (a multiple of any block size a device uses).
+DIRECT_IO = hasattr(os, "O_DIRECT")
+DIRECT_MIN_BYTES = 64 * 1024**2
+DIRECT_BUFFER_BYTES = 8 * 1024**2
+DIRECT_ALIGN = 4096
 
 
 @dataclass(frozen=True)
@@ -361,7 +379,7 @@ class StreamingWriter:
         """posix_fadvise(DONTNEED) over what was written since the last advice, once 64 MiB have
         gathered (the fsync at the end of the shard takes the rest): each call drains per-CPU
         page lists, which costs more than the advice itself when made per small tensor."""
-        if not ADVISE_DONTNEED:
+        if not ADVISE_DONTNEED or isinstance(self._handle, _DirectFile):  # direct: no cached pages
             return
         self._handle.flush()
         end = self._handle.tell()
@@ -384,7 +402,9 @@ class StreamingWriter:
             offset += planned.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned, as the reference writer does
-        self._handle = open(self.folder / self.file_names[shard_index], "wb")  # noqa: SIM115
+        path = self.folder / self.file_names[shard_index]
+        direct = DIRECT_IO and offset >= DIRECT_MIN_BYTES and _DirectFile.open(path)
+        self._handle = direct or open(path, "wb")  # noqa: SIM115
         self._handle.write(struct.pack("<Q", len(raw)) + raw)
         self._open_shard = shard_index
         self._advised_upto = 0
@@ -406,6 +426,115 @@ class StreamingWriter:
         total = sum(t.nbytes for shard in self.shards for t in shard)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class _DirectFile:
+    """A file written with O_DIRECT through an aligned buffer: `write`, `flush`, `fileno`, `tell`,
+    `close`, as `StreamingWriter` uses a file object.
+
+    Every write to the disk is a whole buffer (or, at `flush`, the tail padded with zeros to the
+    alignment) at an aligned offset from an aligned address, which is what O_DIRECT asks; `flush`
+    then cuts the file back to its true length, so the bytes on disk are exactly those written.
+    The file is opened with the builtin `open` (an `opener` adds O_DIRECT), so whatever wraps `open`
+    sees it. If the filesystem refuses the first direct write (EINVAL), the file is reopened
+    buffered and written as any other: nothing had reached it yet.
+    """
+
+    def __init__(self, path: Path, raw) -> None:
+        self.path, self._raw = path, raw
+        self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned
+        self._view = memoryview(self._buffer)
+        self._fill = 0  # bytes waiting in the buffer
+        self._on_disk = 0  # bytes written to the file (a multiple of DIRECT_ALIGN until flush)
+        self._buffered = None  # the fallback file object, once direct writes were refused
+        self._ended = False  # the unaligned tail is written: the file is complete
+
+    @classmethod
+    def open(cls, path: Path) -> _DirectFile | None:
+        """The file opened for direct writes, or None where the OS or filesystem refuses O_DIRECT."""
+
+        def direct(name, flags):
+            return os.open(name, flags | os.O_DIRECT, 0o644)
+
+        try:
+            raw = open(path, "wb", buffering=0, opener=direct)  # noqa: SIM115
+        except OSError as error:
+            if error.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return None
+            raise
+        return cls(path, raw)
+
+    def write(self, data) -> int:
+        if self._buffered is not None:
+            return self._buffered.write(data)
+        if self._ended:
+            raise ValueError(f"{self.path}: written after its last block (flush ends a direct file)")
+        view = memoryview(data).cast("B")
+        taken = 0
+        while taken < len(view):
+            n = min(len(view) - taken, DIRECT_BUFFER_BYTES - self._fill)
+            self._view[self._fill : self._fill + n] = view[taken : taken + n]
+            self._fill += n
+            taken += n
+            if self._fill == DIRECT_BUFFER_BYTES:
+                self._write_buffer(DIRECT_BUFFER_BYTES)
+                if self._buffered is not None:  # direct writes refused: the rest goes buffered
+                    return taken + self._buffered.write(view[taken:])
+        return taken
+
+    def _write_buffer(self, length: int) -> None:
+        """Write the buffer's first `length` bytes (a multiple of DIRECT_ALIGN) at `_on_disk`."""
+        done = 0
+        while done < length:
+            try:
+                n = self._raw.write(self._view[done:length])
+            except OSError as error:
+                if error.errno != errno.EINVAL or self._on_disk or done:
+                    raise
+                self._fall_back()
+                return
+            if n is None or n <= 0 or n % DIRECT_ALIGN:
+                raise OSError(errno.EIO, f"a direct write of {length - done} bytes wrote {n}", str(self.path))
+            done += n
+        self._on_disk += length
+        self._fill = 0
+
+    def _fall_back(self) -> None:
+        """The filesystem took O_DIRECT at open but refuses the writes: write this file buffered."""
+        self._raw.close()
+        self._buffered = open(self.path, "wb")  # noqa: SIM115
+        self._buffered.write(self._view[: self._fill])
+        self._fill = 0
+
+    def flush(self) -> None:
+        if self._buffered is not None:
+            self._buffered.flush()
+            return
+        if self._fill == 0:
+            return
+        size = self._on_disk + self._fill
+        padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+        self._view[self._fill : padded] = bytes(padded - self._fill)
+        self._write_buffer(padded)
+        if self._buffered is None:
+            os.ftruncate(self._raw.fileno(), size)
+            self._on_disk, self._ended = size, True
+
+    def fileno(self) -> int:
+        return (self._buffered or self._raw).fileno()
+
+    def tell(self) -> int:
+        return self._buffered.tell() if self._buffered is not None else self._on_disk + self._fill
+
+    def close(self) -> None:
+        try:
+            (self._buffered or self._raw).close()
+        finally:
+            self._view.release()
+            # a slice of the buffer can outlive a failed write (in its traceback): then the
+            # mapping goes when the last one does
+            with contextlib.suppress(BufferError):
+                self._buffer.close()
 
 
 def save_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = 2**31) -> None:
