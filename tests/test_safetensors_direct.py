@@ -158,10 +158,14 @@ def test_open_refusing_o_direct_writes_buffered(tmp_path, small_direct, monkeypa
 )
 def test_first_direct_write_refused_falls_back_to_buffered(tmp_path, small_direct, monkeypatch, sizes):
     state = tensors(sizes)
+    synced = []  # the file's size as the OS had it when fsync ran: all of it, not what Python held back
+    real_fsync = os.fsync
     with monkeypatch.context() as m:
         refuse_direct_writes(m, errno.EINVAL, after=0)
+        m.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_size), real_fsync(fd)))
         direct = write(tmp_path / "direct", state, 1 << 30, True, monkeypatch)
     assert digests(direct) == digests(write(tmp_path / "buffered", state, 1 << 30, False, monkeypatch))
+    assert synced == [(direct / st.SINGLE_NAME).stat().st_size]
 
 
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSPC, errno.EIO])

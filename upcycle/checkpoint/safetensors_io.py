@@ -507,18 +507,18 @@ class _DirectFile:
         self._fill = 0
 
     def flush(self) -> None:
-        if self._buffered is not None:
+        """Write what the buffer holds; on a direct file this is its last write (the tail is
+        padded to the alignment, then the file is cut back to its length)."""
+        if self._buffered is None and self._fill:
+            size = self._on_disk + self._fill
+            padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+            self._view[self._fill : padded] = bytes(padded - self._fill)
+            self._write_buffer(padded)
+            if self._buffered is None:
+                os.ftruncate(self._raw.fileno(), size)
+                self._on_disk, self._ended = size, True
+        if self._buffered is not None:  # also after falling back just now: fsync must see it all
             self._buffered.flush()
-            return
-        if self._fill == 0:
-            return
-        size = self._on_disk + self._fill
-        padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
-        self._view[self._fill : padded] = bytes(padded - self._fill)
-        self._write_buffer(padded)
-        if self._buffered is None:
-            os.ftruncate(self._raw.fileno(), size)
-            self._on_disk, self._ended = size, True
 
     def fileno(self) -> int:
         return (self._buffered or self._raw).fileno()
