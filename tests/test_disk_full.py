@@ -235,7 +235,7 @@ def test_disk_fills_up_mid_write(disk, source, reference, tmp_path, monkeypatch,
     monkeypatch.setattr(engine, "DISK_MARGIN_BYTES", 0)  # a few MB could never pass the real margin
     opened = []
     if direct:
-        if not direct_supported(disk.path):
+        if not safetensors_io.direct_io_supported(disk.path):
             pytest.skip(f"the {disk.backend} disk refuses O_DIRECT on this kernel")
         monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", 0)
         monkeypatch.setattr(safetensors_io, "DIRECT_BUFFER_BYTES", 64 * 1024)
@@ -273,18 +273,6 @@ def test_disk_fills_up_mid_write(disk, source, reference, tmp_path, monkeypatch,
     assert folder_digest(out) == folder_digest(reference)
     assert leftovers(disk.path) == []
     assert bool(opened) == direct  # the direct variant wrote direct, the buffered one did not
-
-
-def direct_supported(folder: Path) -> bool:
-    if not safetensors_io.DIRECT_IO:
-        return False
-    try:
-        fd = os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    (folder / ".probe").unlink()
-    return True
 
 
 def test_init_on_a_full_disk(disk, tmp_path):

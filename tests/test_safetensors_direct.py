@@ -25,19 +25,9 @@ pytestmark = pytest.mark.skipif(not st.DIRECT_IO, reason="this OS has no O_DIREC
 BUFFER = 16 * 1024
 
 
-def direct_supported(folder: Path) -> bool:
-    try:
-        fd = os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    (folder / ".probe").unlink()
-    return True
-
-
 @pytest.fixture
 def small_direct(monkeypatch, tmp_path):
-    if not direct_supported(tmp_path):
+    if not st.direct_io_supported(tmp_path):
         pytest.skip("the test folder's filesystem refuses O_DIRECT")
     monkeypatch.setattr(st, "DIRECT_MIN_BYTES", 0)
     monkeypatch.setattr(st, "DIRECT_BUFFER_BYTES", BUFFER)
@@ -204,7 +194,7 @@ def test_a_short_unaligned_write_is_an_error(tmp_path, small_direct, monkeypatch
 
 def test_large_shards_go_direct_by_default(tmp_path, monkeypatch):
     """The default threshold: a shard below DIRECT_MIN_BYTES is buffered, one at it is direct."""
-    if not direct_supported(tmp_path):
+    if not st.direct_io_supported(tmp_path):
         pytest.skip("the test folder's filesystem refuses O_DIRECT")
     monkeypatch.setattr(st, "DIRECT_MIN_BYTES", 1 << 20)
     opened = []

@@ -428,6 +428,20 @@ class StreamingWriter:
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def direct_io_supported(folder: Path) -> bool:
+    """Whether files in `folder` can be opened for direct writes (its filesystem takes O_DIRECT)."""
+    if not DIRECT_IO:
+        return False
+    probe = Path(folder) / f".direct-io-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
 class _DirectFile:
     """A file written with O_DIRECT through an aligned buffer: `write`, `flush`, `fileno`, `tell`,
     `close`, as `StreamingWriter` uses a file object.
