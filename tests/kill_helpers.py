@@ -38,9 +38,10 @@ from pathlib import Path
 import yaml
 
 FORK_SERVER = r"""
-import builtins, importlib, json, os, pathlib, shutil, sys, traceback
+import builtins, fcntl, importlib, json, os, pathlib, shutil, sys, traceback
 import torch
 import upcycle
+from upcycle.checkpoint.safetensors_io import DIRECT_ALIGN
 from upcycle.cli import main
 
 import upcycle.data, upcycle.eval, upcycle.pipeline.run, upcycle.train  # what the commands import
@@ -101,6 +102,8 @@ def die_at_bytes(marker, limit, modules):
             view = memoryview(data).cast("B")
             allowed = take(len(view))
             if allowed < len(view):
+                if fcntl.fcntl(self._handle.fileno(), fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+                    allowed -= allowed % DIRECT_ALIGN  # a direct write takes whole blocks, as a kernel's
                 self._handle.write(view[:allowed])
                 self._handle.flush()
                 die()

@@ -61,7 +61,8 @@ ADVISE_DONTNEED = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTN
 ADVISE_EVERY_BYTES = 64 * 1024**2
 SINGLE_NAME = "model.safetensors"
 # Direct I/O (see the module docstring): shards of at least this many bytes, written through an
-# aligned buffer of DIRECT_BUFFER_BYTES (a multiple of any block size a device uses).
+# aligned buffer of DIRECT_BUFFER_BYTES (a multiple of any block size a device uses); a direct
+# write that returns a count not a multiple of DIRECT_ALIGN ends direct writing for that file.
 DIRECT_IO = hasattr(os, "O_DIRECT")
 DIRECT_MIN_BYTES = 64 * 1024**2
 DIRECT_BUFFER_BYTES = 8 * 1024**2
@@ -379,8 +380,8 @@ class StreamingWriter:
         """posix_fadvise(DONTNEED) over what was written since the last advice, once 64 MiB have
         gathered (the fsync at the end of the shard takes the rest): each call drains per-CPU
         page lists, which costs more than the advice itself when made per small tensor."""
-        if not ADVISE_DONTNEED or isinstance(self._handle, _DirectFile):  # direct: no cached pages
-            return
+        if not ADVISE_DONTNEED or (isinstance(self._handle, _DirectFile) and self._handle.direct):
+            return  # direct writes leave no pages in the cache
         self._handle.flush()
         end = self._handle.tell()
         if end - self._advised_upto >= ADVISE_EVERY_BYTES:
@@ -446,12 +447,14 @@ class _DirectFile:
     """A file written with O_DIRECT through an aligned buffer: `write`, `flush`, `fileno`, `tell`,
     `close`, as `StreamingWriter` uses a file object.
 
-    Every write to the disk is a whole buffer (or, at `flush`, the tail padded with zeros to the
-    alignment) at an aligned offset from an aligned address, which is what O_DIRECT asks; `flush`
-    then cuts the file back to its true length, so the bytes on disk are exactly those written.
-    The file is opened with the builtin `open` (an `opener` adds O_DIRECT), so whatever wraps `open`
-    sees it. If the filesystem refuses the first direct write (EINVAL), the file is reopened
-    buffered and written as any other: nothing had reached it yet.
+    Every direct write is a whole buffer (8 MiB: a multiple of any device's block size) at a
+    multiple of the buffer's size from a page-aligned address, which is what O_DIRECT asks. The
+    tail, shorter than a buffer, is written at `flush` after O_DIRECT is cleared from the file
+    (`fcntl`), through the page cache like any buffered write; the fsync that follows covers it.
+    So no write depends on the device's block size being 4096 or less, and the file holds exactly
+    the bytes written. The file is opened with the builtin `open` (an `opener` adds O_DIRECT), so
+    whatever wraps `open` sees it. If the filesystem refuses the first direct write (EINVAL), the
+    file is reopened buffered and written as any other: nothing had reached it yet.
     """
 
     def __init__(self, path: Path, raw) -> None:
@@ -459,16 +462,16 @@ class _DirectFile:
         self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned
         self._view = memoryview(self._buffer)
         self._fill = 0  # bytes waiting in the buffer
-        self._on_disk = 0  # bytes written to the file (a multiple of DIRECT_ALIGN until flush)
+        self._on_disk = 0  # bytes written to the file
+        self._o_direct = True  # the descriptor still has O_DIRECT (cleared for the tail)
         self._buffered = None  # the fallback file object, once direct writes were refused
-        self._ended = False  # the unaligned tail is written: the file is complete
 
     @classmethod
     def open(cls, path: Path) -> _DirectFile | None:
         """The file opened for direct writes, or None where the OS or filesystem refuses O_DIRECT."""
 
         def direct(name, flags):
-            return os.open(name, flags | os.O_DIRECT, 0o644)
+            return os.open(name, flags | os.O_DIRECT, 0o666)  # as `open` does: the umask decides
 
         try:
             raw = open(path, "wb", buffering=0, opener=direct)  # noqa: SIM115
@@ -478,11 +481,14 @@ class _DirectFile:
             raise
         return cls(path, raw)
 
+    @property
+    def direct(self) -> bool:
+        """True while the file is written with O_DIRECT."""
+        return self._buffered is None and self._o_direct
+
     def write(self, data) -> int:
         if self._buffered is not None:
             return self._buffered.write(data)
-        if self._ended:
-            raise ValueError(f"{self.path}: written after its last block (flush ends a direct file)")
         view = memoryview(data).cast("B")
         taken = 0
         while taken < len(view):
@@ -491,27 +497,38 @@ class _DirectFile:
             self._fill += n
             taken += n
             if self._fill == DIRECT_BUFFER_BYTES:
-                self._write_buffer(DIRECT_BUFFER_BYTES)
+                self._write_buffer()
                 if self._buffered is not None:  # direct writes refused: the rest goes buffered
                     return taken + self._buffered.write(view[taken:])
         return taken
 
-    def _write_buffer(self, length: int) -> None:
-        """Write the buffer's first `length` bytes (a multiple of DIRECT_ALIGN) at `_on_disk`."""
-        done = 0
+    def _write_buffer(self) -> None:
+        """Write the buffer's `_fill` bytes at `_on_disk`. A direct write that returns a count the
+        next one could not start from (not a multiple of DIRECT_ALIGN) ends direct writing: the
+        rest of the file goes through the page cache."""
+        done, length = 0, self._fill
         while done < length:
             try:
                 n = self._raw.write(self._view[done:length])
             except OSError as error:
-                if error.errno != errno.EINVAL or self._on_disk or done:
+                if error.errno != errno.EINVAL or not self._o_direct or self._on_disk or done:
                     raise
                 self._fall_back()
                 return
-            if n is None or n <= 0 or n % DIRECT_ALIGN:
-                raise OSError(errno.EIO, f"a direct write of {length - done} bytes wrote {n}", str(self.path))
+            if not n:
+                raise OSError(errno.EIO, f"a write of {length - done} bytes wrote nothing", str(self.path))
             done += n
+            if self._o_direct and n % DIRECT_ALIGN and done < length:
+                self._clear_o_direct()
         self._on_disk += length
         self._fill = 0
+
+    def _clear_o_direct(self) -> None:
+        import fcntl  # POSIX only, as O_DIRECT is
+
+        fd = self._raw.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._o_direct = False
 
     def _fall_back(self) -> None:
         """The filesystem took O_DIRECT at open but refuses the writes: write this file buffered."""
@@ -521,17 +538,13 @@ class _DirectFile:
         self._fill = 0
 
     def flush(self) -> None:
-        """Write what the buffer holds; on a direct file this is its last write (the tail is
-        padded to the alignment, then the file is cut back to its length)."""
+        """Write what the buffer holds: the tail, shorter than a buffer, with O_DIRECT cleared (a
+        direct write of it would have to be padded to the device's block size)."""
         if self._buffered is None and self._fill:
-            size = self._on_disk + self._fill
-            padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
-            self._view[self._fill : padded] = bytes(padded - self._fill)
-            self._write_buffer(padded)
-            if self._buffered is None:
-                os.ftruncate(self._raw.fileno(), size)
-                self._on_disk, self._ended = size, True
-        if self._buffered is not None:  # also after falling back just now: fsync must see it all
+            if self._o_direct:
+                self._clear_o_direct()
+            self._write_buffer()
+        if self._buffered is not None:  # also after falling back: fsync must see it all
             self._buffered.flush()
 
     def fileno(self) -> int:
