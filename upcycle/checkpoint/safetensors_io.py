@@ -14,7 +14,7 @@ it (Linux `O_DIRECT`): bytes go from an aligned buffer to the disk without passi
 page cache. On the 2-core CI machine a buffered write of a few GB costs about 2.5 s of kernel time
 per GB (page-cache copies, dirty-page accounting, writeback), more than the disk itself takes, and
 leaves the cache full of pages nobody reads; direct writes of the same bytes took a tenth of the
-CPU and ran at the disk's speed (bench/RESULTS.md, "Conversion, direct writes"). The file's bytes
+CPU and ran at the disk's speed (bench/RESULTS.md, fourteenth round, "Conversion with direct writes"). The file's bytes
 are the same either way (tests/test_safetensors_direct.py); where direct I/O is refused (some
 filesystems: tmpfs before Linux 6.6, several network and FUSE ones; macOS has no O_DIRECT) the
 shard is written buffered, as small shards are.

@@ -8,18 +8,15 @@ router use it for facts of the device that cannot change within a process).
 than `import torch` itself) only to set one attribute that TorchDynamo reads when it meets a call
 of the function. The kernels' modules are imported by every `upcycle` command, and most commands
 never compile (convert, inspect, export, eval on the CPU): `trace_constant` sets the same attribute
-itself, and hands over to torch's decorator where TorchDynamo is already imported.
+itself.
 tests/test_trace_constant.py checks that torch's decorator sets nothing else, so a torch release
 that changes it fails the tests instead of silently breaking graphs.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import TypeVar
-
-import torch
 
 F = TypeVar("F", bound=Callable)
 
@@ -29,7 +26,5 @@ MARK = "_dynamo_marked_constant"
 
 def trace_constant(fn: F) -> F:
     """Mark `fn` as torch.compile's `assume_constant_result` does; returns `fn`."""
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
     setattr(fn, MARK, True)
     return fn
